@@ -1,0 +1,139 @@
+r"""Decode / aggregation cost as ratios to a plain sum, measured side by side in one run.
+
+For each P and D, every combiner (DRACO decoders and the baseline aggregators) is timed on the
+same float32 array of received messages (S rows reversed x(-100)), and its median time is divided
+by the median time of the plain-sum floor: the faster of ``np.sum(x, 0)`` and a jitted
+``jnp.ones(P) @ x`` (a jitted ``jnp.sum(x, 0)`` is 55-100x slower on XLA CPU and would flatter
+every ratio). Absolute times are noisy on shared machines; the ratios are the result.
+
+The repetition code needs (2S+1) | P, which no power of two allows, so it is measured at the
+nearest P with a divisor 3 (9, 15, 33, 63) with S = 1; the cyclic code uses S = max(1, P // 8).
+
+Usage:
+  python -m benchmarks.decode_bench                      # the README table (several minutes)
+  python -m benchmarks.decode_bench --quick              # P in {8, 16}, D = 2^16
+  python -m benchmarks.decode_bench --aggregators=all    # add every baseline aggregator
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from draco_jax import coding, decode
+
+_FRC_P = {8: 9, 16: 15, 32: 33, 64: 63}
+
+
+def _median_ms(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
+  rng = np.random.default_rng(seed)
+  grads_KxD = rng.standard_normal((code.num_workers, d)).astype(np.float32)
+  sent_PxD = np.asarray(coding.encode(code, jnp.asarray(grads_KxD)))
+  bad = rng.choice(code.num_workers, code.num_adversaries, replace=False)
+  sent_PxD[bad] *= -100.0
+  return jnp.asarray(sent_PxD)
+
+
+def _floor_ms(x_PxD: jax.Array, repeats: int) -> float:
+  x_np = np.asarray(x_PxD)
+  ones = jax.jit(lambda x: jnp.ones(x.shape[0], x.dtype) @ x)
+  return min(
+    _median_ms(lambda: np.sum(x_np, 0), repeats=repeats), _median_ms(ones, x_PxD, repeats=repeats)
+  )
+
+
+def _aggregators(names, p: int, s: int):
+  from draco_jax import aggregators  # noqa: PLC0415 (optional part of the table)
+
+  out = {}
+  for name in names:
+    try:
+      out[name] = aggregators.make_aggregator(name, p, s)
+    except ValueError as err:  # precondition (e.g. Bulyan needs P >= 4S+3)
+      out[name] = str(err)
+  return out
+
+
+def run(ps, ds, aggregator_names, repeats: int):
+  rows = []
+  key = jax.random.key(0)
+  for p in ps:
+    s = max(1, p // 8)
+    for d in ds:
+      cyclic = coding.make_code("cyclic", p, s)
+      x_PxD = _received(cyclic, d, seed=p + d)
+      floor = _floor_ms(x_PxD, repeats)
+      cyc_ms = _median_ms(decode.make_decoder(cyclic), x_PxD, key, repeats=repeats)
+      row = {"P": p, "S": s, "D": d, "floor_ms": floor, "cyclic": cyc_ms / floor}
+      frc = coding.make_code("repetition", _FRC_P[p], 1)
+      x_frc = _received(frc, d, seed=p * d)
+      frc_floor = _floor_ms(x_frc, repeats)
+      frc_ms = _median_ms(decode.make_decoder(frc), x_frc, key, repeats=repeats)
+      row["repetition"] = frc_ms / frc_floor
+      row["repetition_P"] = _FRC_P[p]
+      for name, agg in _aggregators(aggregator_names, p, s).items():
+        if isinstance(agg, str):
+          row[name] = None
+          continue
+        x_unc = _received(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
+        ms = _median_ms(agg, x_unc, key, repeats=repeats)
+        row[name] = ms / floor
+        row[name + "_vs_cyclic"] = ms / cyc_ms
+      rows.append(row)
+      print(_format_row(row, aggregator_names), flush=True)
+  return rows
+
+
+def _format_row(row, names) -> str:
+  cells = [
+    f"{row['P']:>3}",
+    f"{row['S']:>2}",
+    f"2^{int(np.log2(row['D'])):<2}",
+    f"{row['floor_ms']:8.2f}",
+    f"{row['cyclic']:6.2f}",
+    f"{row['repetition']:6.2f} (P={row['repetition_P']})",
+  ]
+  for name in names:
+    value = row.get(name)
+    cells.append("  n/a" if value is None else f"{value:7.1f} ({row[name + '_vs_cyclic']:.1f}x)")
+  return " | ".join(cells)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="P in {8, 16}, D = 2^16")
+  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument(
+    "--aggregators", default="", help="comma-separated aggregator names, or 'all'"
+  )
+  args = parser.parse_args()
+  warnings.simplefilter("ignore", UserWarning)
+  names = [n for n in args.aggregators.split(",") if n]
+  if names == ["all"]:
+    from draco_jax import aggregators  # noqa: PLC0415
+
+    names = list(aggregators.AGGREGATORS)
+  ps, ds = ((8, 16), (2**16,)) if args.quick else ((8, 16, 32, 64), (2**16, 2**20))
+  header = ["P", "S", "D", "floor ms", "cyclic", "repetition"] + [f"{n} (vs cyclic)" for n in names]
+  print("ratios = median time / plain-sum floor (faster of np.sum(x,0) and jnp.ones(P)@x)")
+  print(" | ".join(header))
+  run(ps, ds, names, args.repeats)
+
+
+if __name__ == "__main__":
+  main()

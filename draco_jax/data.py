@@ -1,0 +1,345 @@
+"""Datasets, per-step partitioned batches and the label-flipping data attack.
+
+Shape legend: N examples, H x W x C image, K partitions (one per worker, K = P), B examples per
+partition, T = K * B examples per step.
+
+Datasets (:data:`DATASETS`), all held fully in host memory as numpy arrays:
+
+* ``digits`` (offline default): ``sklearn.datasets.load_digits``, 1797 8x8 grey images with
+  values 0..16, stored as uint8 [N, 8, 8, 1]. The split is fixed: the examples are permuted once
+  with ``np.random.default_rng(0)``; the first 1437 form "train", the last 360 form "test".
+* ``mnist``, ``fashion_mnist`` (28x28x1) and ``cifar10`` (32x32x3): the real
+  tensorflow-datasets builders, read without TensorFlow through ``tfds.data_source`` (ArrayRecord
+  random access), every record copied into numpy. The loader never downloads
+  (``download=False``), so each dataset needs a one-time preparation, on a machine with network
+  access and TensorFlow (TF is needed to encode the PNG images)::
+
+      tfds build mnist --file_format=array_record --data_dir=DIR
+      # or, in Python:
+      tfds.builder("mnist", data_dir=DIR).download_and_prepare(file_format="array_record")
+
+  Then copy ``DIR`` here and pass ``data_dir=DIR`` (or set ``TFDS_DATA_DIR``; the tfds default
+  is ``~/tensorflow_datasets``). Reading needs pillow (PNG decoding), not TensorFlow. A missing
+  or TFRecord-format dataset raises :class:`DatasetNotPreparedError` with these instructions.
+
+Images stay in their stored dtype (uint8); :func:`normalize` maps them to float32 by scaling to
+[0, 1] and then standardising with the dataset's per-channel mean/std (train-split statistics).
+:func:`partition_batch` and :func:`eval_batches` apply it, so model inputs are always normalised
+the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+  "Dataset",
+  "DatasetSpec",
+  "DatasetNotPreparedError",
+  "DATASETS",
+  "SPLITS",
+  "load_dataset",
+  "normalize",
+  "partition_indices",
+  "partition_batch",
+  "eval_batches",
+  "flip_labels",
+]
+
+SPLITS = ("train", "test")
+_DIGITS_SPLIT_SEED = 0
+_DIGITS_NUM_TRAIN = 1437
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+  """A tfds dataset is not available as a prepared array_record dataset under ``data_dir``."""
+
+
+class Dataset(NamedTuple):
+  """One split of a dataset, in host memory.
+
+  Attributes:
+    images: [N, H, W, C] numpy array in the stored dtype (uint8; use :meth:`normalize`).
+    labels: int32 [N] class ids in ``[0, num_classes)``.
+    num_classes: number of classes.
+    name: the :data:`DATASETS` key, which selects the normalisation constants.
+  """
+
+  images: np.ndarray
+  labels: np.ndarray
+  num_classes: int
+  name: str
+
+  @property
+  def num_examples(self) -> int:
+    """N, the number of examples (``len(dataset)`` is the NamedTuple's field count)."""
+    return int(self.labels.shape[0])
+
+  @property
+  def input_shape(self) -> tuple[int, int, int]:
+    """The per-example image shape (H, W, C)."""
+    return tuple(self.images.shape[1:])
+
+  def normalize(self, images: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """Normalises images of this dataset to float32 (see :func:`normalize`)."""
+    return normalize(images, self.name)
+
+
+class DatasetSpec(NamedTuple):
+  """How to load a dataset and normalise its images.
+
+  Attributes:
+    load: ``load(split, data_dir) -> (images_NxHxWxC, labels_N)``.
+    num_classes: number of classes.
+    max_value: largest stored pixel value; images are divided by it to reach [0, 1].
+    mean_C: per-channel mean of the [0, 1]-scaled train images.
+    std_C: per-channel standard deviation of the [0, 1]-scaled train images.
+  """
+
+  load: Callable[[str, str | None], tuple[np.ndarray, np.ndarray]]
+  num_classes: int
+  max_value: float
+  mean_C: tuple[float, ...]
+  std_C: tuple[float, ...]
+
+
+@functools.cache
+def _digits_all() -> tuple[np.ndarray, np.ndarray]:
+  """All 1797 sklearn digits, permuted once with the fixed split seed (read-only arrays)."""
+  from sklearn.datasets import load_digits  # lazy: sklearn import is slow
+
+  raw = load_digits()
+  order_N = np.random.default_rng(_DIGITS_SPLIT_SEED).permutation(raw.target.shape[0])
+  images = raw.images[order_N].astype(np.uint8)[..., None]
+  labels = raw.target[order_N].astype(np.int32)
+  images.flags.writeable = False
+  labels.flags.writeable = False
+  return images, labels
+
+
+def _load_digits(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """The fixed digits split: first 1437 permuted examples train, last 360 test."""
+  del data_dir  # bundled with scikit-learn
+  images, labels = _digits_all()
+  part = slice(None, _DIGITS_NUM_TRAIN) if split == "train" else slice(_DIGITS_NUM_TRAIN, None)
+  return images[part].copy(), labels[part].copy()
+
+
+def _not_prepared_message(name: str, split: str, data_dir: str | None, err: Exception) -> str:
+  where = data_dir or "the tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  cause = (str(err).strip().splitlines() or [""])[0]
+  return (
+    f"tfds dataset {name!r} (split {split!r}) is not prepared in array_record format under "
+    f"{where}. draco-jax reads it without TensorFlow via tfds.data_source and never downloads. "
+    f"Prepare it once on a machine with network access and TensorFlow:\n"
+    f"  tfds build {name} --file_format=array_record --data_dir=DIR\n"
+    f"  (or tfds.builder({name!r}, data_dir=DIR).download_and_prepare("
+    f"file_format='array_record'))\n"
+    f"then copy DIR here and pass data_dir=DIR (or set TFDS_DATA_DIR).\n"
+    f"[tfds said: {type(err).__name__}: {cause}]"
+  )
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every record of a prepared array_record tfds split into numpy arrays."""
+  import tensorflow_datasets as tfds  # lazy: only these datasets need it
+
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (NotImplementedError, KeyError, FileNotFoundError, OSError, AssertionError) as err:
+    raise DatasetNotPreparedError(_not_prepared_message(name, split, data_dir, err)) from err
+  # A plain loop: tfds 4.9.10's mock_data breaks ``__getitems__``, and PNG decoding dominates.
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([np.asarray(r["image"]) for r in records])
+  labels = np.asarray([r["label"] for r in records], dtype=np.int32)
+  return images, labels
+
+
+DATASETS: dict[str, DatasetSpec] = {
+  "digits": DatasetSpec(_load_digits, 10, 16.0, (0.3054,), (0.3760,)),
+  "mnist": DatasetSpec(functools.partial(_load_tfds, "mnist"), 10, 255.0, (0.1307,), (0.3081,)),
+  "fashion_mnist": DatasetSpec(
+    functools.partial(_load_tfds, "fashion_mnist"), 10, 255.0, (0.2860,), (0.3530,)
+  ),
+  "cifar10": DatasetSpec(
+    functools.partial(_load_tfds, "cifar10"),
+    10,
+    255.0,
+    (0.4914, 0.4822, 0.4465),
+    (0.2470, 0.2435, 0.2616),
+  ),
+}
+
+
+def _spec(name: str) -> DatasetSpec:
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; valid datasets: {sorted(DATASETS)}")
+  return DATASETS[name]
+
+
+def load_dataset(name: str, split: str, *, data_dir: str | None = None) -> Dataset:
+  """Loads one split of a registered dataset into host memory.
+
+  Args:
+    name: a key of :data:`DATASETS` ("digits", "mnist", "fashion_mnist", "cifar10").
+    split: "train" or "test".
+    data_dir: tfds data directory holding the prepared array_record dataset (tfds default when
+      None); ignored by "digits".
+
+  Returns:
+    A :class:`Dataset` with uint8 images [N, H, W, C] and int32 labels [N].
+
+  Raises:
+    ValueError: unknown dataset or split.
+    DatasetNotPreparedError: a tfds dataset is not prepared under ``data_dir``.
+  """
+  spec = _spec(name)
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r} for dataset {name!r}; valid splits: {SPLITS}")
+  images, labels = spec.load(split, data_dir)
+  if images.ndim != 4 or labels.shape != images.shape[:1]:
+    raise ValueError(
+      f"{name}: expected images [N,H,W,C] and labels [N], got {images.shape}, {labels.shape}"
+    )
+  return Dataset(images, labels.astype(np.int32), spec.num_classes, name)
+
+
+def normalize(images: np.ndarray | jax.Array, name: str) -> np.ndarray | jax.Array:
+  """Scales stored pixels to [0, 1], then standardises with the dataset's channel mean/std.
+
+  Works on numpy arrays (host) and on jax arrays (inside jit); the result is float32.
+
+  Args:
+    images: [..., H, W, C] images in the dataset's stored range (0..max_value).
+    name: a key of :data:`DATASETS`.
+
+  Returns:
+    float32 array of the same shape: ``(images / max_value - mean_C) / std_C``.
+  """
+  spec = _spec(name)
+  channel_shape = (1,) * (images.ndim - 1) + (len(spec.mean_C),)
+  mean = np.asarray(spec.mean_C, np.float32).reshape(channel_shape)
+  inv_std = (1.0 / np.asarray(spec.std_C, np.float32)).reshape(channel_shape)
+  scaled = images.astype(np.float32) * np.float32(1.0 / spec.max_value)
+  return (scaled - mean) * inv_std
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+  order_N = np.random.default_rng((seed, epoch)).permutation(num_examples)
+  order_N.flags.writeable = False
+  return order_N
+
+
+def partition_indices(
+  num_examples: int, *, num_partitions: int, batch_per_partition: int, seed: int, step: int
+) -> np.ndarray:
+  """Example indices of one step, split into K partitions of B consecutive examples.
+
+  Global position ``t = step * K * B + j`` (j < K * B) reads example
+  ``perm(epoch)[t % N]`` with ``epoch = t // N`` and
+  ``perm(epoch) = np.random.default_rng((seed, epoch)).permutation(N)``. The stream is thus an
+  endless sequence of epochs, each a fresh permutation, and a step that crosses an epoch
+  boundary wraps into the next one. Within a step the indices are distinct unless the step
+  crosses an epoch boundary (or K * B > N).
+
+  Args:
+    num_examples: N, the dataset size.
+    num_partitions: K.
+    batch_per_partition: B.
+    seed: non-negative data-order seed.
+    step: non-negative training step.
+
+  Returns:
+    int64 [K, B] indices into the dataset; a pure function of the arguments.
+  """
+  if min(num_examples, num_partitions, batch_per_partition) < 1 or min(seed, step) < 0:
+    raise ValueError(
+      f"need positive num_examples/num_partitions/batch_per_partition and non-negative "
+      f"seed/step, got {num_examples=}, {num_partitions=}, {batch_per_partition=}, {seed=}, "
+      f"{step=}"
+    )
+  num_per_step = num_partitions * batch_per_partition
+  position_T = step * num_per_step + np.arange(num_per_step, dtype=np.int64)
+  epoch_T, offset_T = np.divmod(position_T, num_examples)
+  index_T = np.empty(num_per_step, dtype=np.int64)
+  for epoch in np.unique(epoch_T):
+    in_epoch_T = epoch_T == epoch
+    index_T[in_epoch_T] = _epoch_permutation(num_examples, seed, int(epoch))[offset_T[in_epoch_T]]
+  return index_T.reshape(num_partitions, batch_per_partition)
+
+
+def partition_batch(
+  dataset: Dataset, *, num_partitions: int, batch_per_partition: int, seed: int, step: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """The normalised examples of one training step, one row per partition.
+
+  Args:
+    dataset: the training split.
+    num_partitions: K, the number of gradient partitions (= workers).
+    batch_per_partition: B, examples per partition.
+    seed: data-order seed.
+    step: training step; the order is that of :func:`partition_indices`.
+
+  Returns:
+    ``(x_KxBxHxWxC, y_KxB)``: float32 normalised images and int32 labels (numpy, host).
+  """
+  index_KxB = partition_indices(
+    dataset.num_examples,
+    num_partitions=num_partitions,
+    batch_per_partition=batch_per_partition,
+    seed=seed,
+    step=step,
+  )
+  return dataset.normalize(dataset.images[index_KxB]), dataset.labels[index_KxB]
+
+
+def eval_batches(
+  dataset: Dataset, batch_size: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+  """Every example once, in order, in batches of a fixed shape.
+
+  The last batch is padded to ``batch_size`` (zero images, label 0) so a jitted evaluation
+  compiles once; the mask marks the real examples. Accuracy = sum(mask * correct) / N.
+
+  Args:
+    dataset: the split to evaluate.
+    batch_size: examples per batch.
+
+  Yields:
+    ``(x_BxHxWxC, y_B, mask_B)``: float32 normalised images, int32 labels, bool mask.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  for start in range(0, dataset.num_examples, batch_size):
+    images = dataset.images[start : start + batch_size]
+    labels = dataset.labels[start : start + batch_size]
+    num_pad = batch_size - labels.shape[0]
+    mask_B = np.arange(batch_size) < labels.shape[0]
+    images = np.concatenate([images, np.zeros((num_pad, *images.shape[1:]), images.dtype)])
+    labels = np.concatenate([labels, np.zeros((num_pad,), labels.dtype)])
+    yield dataset.normalize(images), labels, mask_B
+
+
+def flip_labels(y_KxB: jax.Array, partition_mask_K: jax.Array, num_classes: int) -> jax.Array:
+  """Label-flipping data attack: ``y -> num_classes - 1 - y`` on the controlled partitions.
+
+  Pure jnp, so it runs inside jit; changing the mask never recompiles.
+
+  Args:
+    y_KxB: int labels of the K partitions.
+    partition_mask_K: bool, True where the adversary controls the partition's data.
+    num_classes: number of classes.
+
+  Returns:
+    Labels of the same shape and dtype, flipped on the masked rows only.
+  """
+  y_KxB = jnp.asarray(y_KxB)
+  flipped_KxB = (num_classes - 1 - y_KxB).astype(y_KxB.dtype)
+  return jnp.where(jnp.asarray(partition_mask_K, bool)[:, None], flipped_KxB, y_KxB)

@@ -1,0 +1,350 @@
+"""DRACO decoders: the exact mean of the honest partition gradients from coded messages.
+
+Specification: shared/docs/draco-math.md §2 (repetition vote), §4 and §8 (cyclic decoder).
+Shape legend: P workers, K = P partitions, S adversaries, L = P - 2S, D parameters,
+C random projection columns.
+
+``make_decoder(code)`` returns a combiner with the contract of :mod:`draco_jax.contract`::
+
+    mean_D, report = decoder(received_PxD, key)
+
+Both decoders read the messages only twice (one random projection, one weighted sum of rows),
+so they cost about as much as a plain sum; everything else works on P-sized arrays.
+
+Randomness. The projection must be fresh and secret (§5.4): ``key`` is the combiner's own key.
+Drawing a dense D x C Gaussian matrix costs more than the whole decode on CPU, so the projection
+is Kronecker-structured: D = m1·m2 and f = a ⊗ c with a ~ N(0, I_m1), c ~ N(0, I_m2). For a fixed
+nonzero error e (an m1 x m2 matrix E), f·e = aᵀ E c is a nonzero polynomial in (a, c), so it
+vanishes with probability 0 and the locate/certify arguments of §4 carry over.
+
+Precision. The O(P·D) passes run in the message dtype at matmul precision HIGHEST. The
+P-sized steps (syndromes, locators, fits, weights) run in float64/complex128 by enabling 64-bit
+types only while those steps are traced (``jax.enable_x64``): the user's arrays keep their dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from draco_jax import contract
+from draco_jax.coding import Code
+
+__all__ = ["make_decoder", "project", "DECODERS"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+# Relative tolerances: float32 messages have a noise floor of ~1e-7 (draco-math §8).
+_TOL = {4: 1e-6, 8: 1e-12}
+# Projection columns: one locates, the others certify; their rms estimates each row's norm,
+# the scale of its rounding noise (a single Gaussian projection can be small by chance).
+_COLUMNS = 8
+
+
+# --------------------------------------------------------------------------- projection
+
+
+def _kron_factors(d: int) -> tuple[int, int, int]:
+  """(m1, m2, padded D): D (padded if needed) = m1·m2 with m2 <= 2048 a large divisor."""
+  for m2 in range(min(d, 2048), 63, -1):
+    if d % m2 == 0:
+      return d // m2, m2, d
+  padded = -(-d // 1024) * 1024
+  return padded // 1024, 1024, padded
+
+
+def project(received_PxD: jax.Array, key: jax.Array, num_columns: int) -> jax.Array:
+  """Y·F for a fresh Kronecker-structured Gaussian F [D, C], in one pass over Y.
+
+  Rows with a non-finite entry get a non-finite projection (NaN and Inf propagate through
+  every product and sum), so erasures are found without a separate screening pass.
+
+  Returns:
+    y_PxC in the message dtype.
+  """
+  p, d = received_PxD.shape
+  m1, m2, padded = _kron_factors(d)
+  real = jnp.finfo(received_PxD.dtype).dtype
+  key_a, key_c = jax.random.split(key)
+  a_M1xC = jax.random.normal(key_a, (m1, num_columns), real)
+  c_M2xC = jax.random.normal(key_c, (m2, num_columns), real)
+  y = received_PxD if padded == d else jnp.pad(received_PxD, ((0, 0), (0, padded - d)))
+  t_PxM1xC = jnp.matmul(y.reshape(p * m1, m2), c_M2xC.astype(y.dtype), precision=_HIGHEST)
+  return jnp.einsum(
+    "pic,ic->pc",
+    t_PxM1xC.reshape(p, m1, num_columns),
+    a_M1xC.astype(y.dtype),
+    precision=_HIGHEST,
+  )
+
+
+def _combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
+  """Σ_k w_k Y_k with w_k = 0 on erased rows; non-finite rows are zeroed (0·Inf = NaN)."""
+  w_P = w_P.astype(received_PxD.dtype)
+  return jax.lax.cond(
+    jnp.any(erased_P),
+    lambda: contract.rows_dot(w_P, jnp.where(erased_P[:, None], 0, received_PxD)),
+    lambda: contract.rows_dot(w_P, received_PxD),
+  )
+
+
+def _tolerance(dtype, tol) -> float:
+  return _TOL[jnp.finfo(dtype).bits // 8] if tol is None else float(tol)
+
+
+# --------------------------------------------------------------------------- repetition
+
+
+def _lower_median_rows(v_GxR: jax.Array, erased_GxR: jax.Array) -> jax.Array:
+  """Index in each group of the row whose value is the lower median of its received rows."""
+  order_GxR = jnp.argsort(jnp.where(erased_GxR, jnp.inf, v_GxR), axis=1, stable=True)
+  received_G = jnp.sum(~erased_GxR, axis=1)
+  pick_G = jnp.maximum(received_G - 1, 0) // 2
+  return jnp.take_along_axis(order_GxR, pick_G[:, None], axis=1)[:, 0]
+
+
+def _make_repetition_decoder(code: Code, tol=None):
+  """Majority vote of the fractional repetition code (draco-math §2).
+
+  Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
+  fingerprints; a row agrees with it iff its fingerprints in C further secret directions are
+  within tol·‖fingerprint of the chosen row‖. A group is ok iff its agreeing rows are a strict
+  majority of its received rows. Exact (the output is an honest copy) whenever
+  2·t_j + e_j <= 2S in every group.
+  """
+  p, r = code.num_workers, code.redundancy
+  groups = p // r
+
+  def decode(received_PxD, key):
+    contract.check_received(received_PxD, p)
+    tau = _tolerance(received_PxD.dtype, tol)
+    v_PxC = project(received_PxD, key, _COLUMNS)
+    erased_P = ~jnp.all(jnp.isfinite(v_PxC), axis=1)
+    v_GxRxC = v_PxC.reshape(groups, r, -1)
+    erased_GxR = erased_P.reshape(groups, r)
+    chosen_G = _lower_median_rows(v_GxRxC[:, :, 0], erased_GxR)
+    ref_GxC = jnp.take_along_axis(v_GxRxC, chosen_G[:, None, None], axis=1)[:, 0]
+    scale_G = jnp.sqrt(jnp.mean(ref_GxC**2, axis=1))
+    gap_GxR = jnp.max(jnp.abs(v_GxRxC - ref_GxC[:, None, :]), axis=2)
+    agree_GxR = ~erased_GxR & (gap_GxR <= tau * scale_G[:, None])
+    ok_G = 2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1)
+    ok = jnp.all(ok_G)
+    rows_G = chosen_G + r * jnp.arange(groups)
+    weights_P = jnp.zeros(p, received_PxD.dtype).at[rows_G].set(1.0 / p)
+    mean_D = _combine_rows(weights_P, received_PxD, erased_P)
+    report = contract.make_report(~agree_GxR.reshape(p), ok)
+    return contract.zero_if_not_ok(mean_D, ok), report
+
+  return jax.jit(decode)
+
+
+# --------------------------------------------------------------------------- cyclic
+
+
+class _Cyclic(NamedTuple):
+  """Host constants of the cyclic decoder (numpy, float64/complex128)."""
+
+  p: int
+  s: int
+  basis: np.ndarray  # B [P, L]
+  parity: np.ndarray  # H_par [2S, P]
+  u: np.ndarray  # u_k = e^{2πik/P} [P]
+  upow: np.ndarray  # u_k^m [P, S+1], exponents reduced mod P
+  target: np.ndarray  # Bᵀℓ [L]: the weights b satisfy b^T B[agree] = ℓ^T B
+
+
+def _cyclic_constants(code: Code) -> _Cyclic:
+  p, s = code.num_workers, code.num_adversaries
+  k = np.arange(p)
+  u = np.exp(2j * np.pi * k / p)
+  upow = np.exp(2j * np.pi * ((k[:, None] * np.arange(s + 1)[None, :]) % p) / p)
+  parity = code.parity_check() if s else np.zeros((0, p), complex)
+  target = code.basis.T @ code.functional
+  return _Cyclic(p, s, code.basis, parity, u, upow, target)
+
+
+def _erasure_locator(c: _Cyclic, erased_P):
+  """Coefficients of Γ(x) = ∏_{k erased}(x − u_k), length 2S+1 (truncated when e > 2S)."""
+  u = jnp.asarray(c.u)
+
+  def body(k, g):
+    shifted = jnp.concatenate([jnp.zeros(1, g.dtype), g[:-1]])
+    return jnp.where(erased_P[k], shifted - u[k] * g, g)
+
+  g0 = jnp.zeros(2 * c.s + 1, jnp.complex128).at[0].set(1.0)
+  return jax.lax.fori_loop(0, c.p, body, g0)
+
+
+def _locate(c: _Cyclic, y_P, erased_P):
+  """Steps 3-6 of §4: flag the t = ⌊(2S−e)/2⌋ non-erased rows with the smallest |Λ(u_k)|."""
+  s2 = 2 * c.s
+  e = jnp.sum(erased_P)
+  n = jnp.maximum(s2 - e, 0)
+  t = n // 2
+  sigma = jnp.asarray(c.parity) @ jnp.where(erased_P, 0, y_P)
+  gamma = _erasure_locator(c, erased_P)
+  j, m = np.arange(s2)[:, None], np.arange(s2 + 1)[None, :]
+  sigma_pad = jnp.concatenate([sigma, jnp.zeros(s2 + 1, sigma.dtype)])
+  t_syn = jnp.sum(sigma_pad[j + m] * gamma[None, :], axis=1)  # modified syndromes T_j
+  t_pad = jnp.concatenate([t_syn, jnp.zeros(s2 + 1, t_syn.dtype)])
+  rows, cols = np.arange(s2)[:, None], np.arange(c.s)[None, :]
+  row_ok = rows < n - t
+  hankel = jnp.where(row_ok & (cols < t), t_pad[rows + cols], 0)
+  rhs = jnp.where(row_ok[:, 0], -t_pad[np.arange(s2) + t], 0)
+  lam = jnp.linalg.lstsq(hankel, rhs)[0]
+  deg = np.arange(c.s + 1)
+  lam_full = jnp.where(deg < t, jnp.concatenate([lam, jnp.zeros(1, lam.dtype)]), 0)
+  lam_full = lam_full + (deg == t)
+  score = jnp.where(erased_P, jnp.inf, jnp.abs(jnp.asarray(c.upow) @ lam_full))
+  rank = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
+  return ~erased_P & (rank >= t)
+
+
+def _fit(c: _Cyclic, y_PxM, mask_P):
+  """Least-squares codewords through the masked rows: (fit [P, M], leverage of each row [P])."""
+  b_m = jnp.where(mask_P[:, None], jnp.asarray(c.basis), 0)
+  u, sv, vh = jnp.linalg.svd(b_m, full_matrices=False)
+  live = sv > sv[0] * 1e-12
+  inv = jnp.where(live, 1.0 / jnp.where(live, sv, 1.0), 0.0)
+  coeffs = jnp.conj(vh).T @ (inv[:, None] * (jnp.conj(u).T @ jnp.where(mask_P[:, None], y_PxM, 0)))
+  leverage = jnp.sum(jnp.abs(u) ** 2 * live, axis=1)
+  return jnp.asarray(c.basis) @ coeffs, leverage
+
+
+def _agreement(c: _Cyclic, yc_PxM, erased_P, mask_P, tau):
+  """Rows within tolerance of the codeword fitted on mask, with a per-row threshold.
+
+  A kept row k pulls the fit towards itself: its residual is (1 − h_k) times its error, h_k
+  being its leverage. So kept rows are judged by the leave-one-out residual r_k / (1 − h_k),
+  whose rounding noise is 1/sqrt(1 − h_k) times larger, against tau·rms(fit)/sqrt(1 − h_k).
+  """
+  fit, leverage = _fit(c, yc_PxM, mask_P)
+  resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fit) ** 2, axis=1))
+  slack = jnp.maximum(1.0 - leverage, 1e-12)
+  live = ~erased_P
+  power = jnp.mean(jnp.abs(fit) ** 2, axis=1)
+  scale = jnp.sqrt(jnp.sum(jnp.where(live, power, 0)) / jnp.maximum(live.sum(), 1))
+  close = jnp.where(mask_P, resid / jnp.sqrt(slack), resid) <= tau * scale
+  return live & close
+
+
+def _certify(c: _Cyclic, yc_PxM, erased_P, keep_P, tau, refits=3):
+  """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing."""
+  agree = _agreement(c, yc_PxM, erased_P, keep_P, tau)
+  for _ in range(refits):
+    agree = _agreement(c, yc_PxM, erased_P, agree, tau)
+  e = jnp.sum(erased_P)
+  need = c.p - e - (2 * c.s - e) // 2
+  ok = (jnp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
+  return agree, ok
+
+
+def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
+  """The non-erased row farthest from the codeword fitted on the kept rows (flagged first)."""
+  fit, _ = _fit(c, y_P[:, None], keep_P)
+  resid = jnp.abs(y_P - fit[:, 0])
+  live = ~erased_P
+  suspects = jnp.where(jnp.any(live & ~keep_P), live & ~keep_P, live)
+  resid = jnp.where(suspects, resid, -1.0)
+  # Not jnp.argmax: its lowering builds a 32-bit initial value once x64 is off again.
+  return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
+
+
+def _decode_small(c: _Cyclic, y_PxC, tau):
+  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P] complex128)."""
+  y_PxC = y_PxC.astype(jnp.complex128)
+  erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
+  y_PxC = jnp.where(erased[:, None], 0, y_PxC)
+  y, yc = y_PxC[:, 0], y_PxC[:, 1:]
+
+  def candidate(erased_cur):
+    keep = _locate(c, y, erased_cur)
+    agree, ok = _certify(c, yc, erased, keep, tau)
+    return keep, agree, ok
+
+  def peel(_, carry):
+    erased_cur, keep, agree, ok = carry
+
+    def step():
+      worst = _peel_suspect(c, y, erased_cur, keep)
+      nxt = erased_cur.at[worst].set(True)
+      return (nxt, *candidate(nxt))
+
+    return jax.lax.cond(ok | (jnp.sum(erased_cur) >= 2 * c.s), lambda: carry, step)
+
+  carry = jax.lax.fori_loop(0, c.s, peel, (erased, *candidate(erased)))
+  _, _, agree, ok = carry
+  b_m = jnp.where(agree[:, None], jnp.asarray(c.basis), 0)
+  weights = jnp.linalg.lstsq(b_m.T, jnp.asarray(c.target).astype(b_m.dtype))[0]
+  return agree, ok, jnp.where(agree, weights, 0)
+
+
+def _make_cyclic_decoder(code: Code, tol=None):
+  """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
+
+  1. Project Y on two fresh secret directions (locator y, certificate y_c); rows with a
+     non-finite projection are erasures.
+  2. Syndromes of y on the 2S parity frequencies, erasure locator Γ, modified syndromes,
+     error locator Λ from a masked Hankel system (SVD min-norm least squares), and the
+     t non-erased rows with the smallest |Λ(u_k)| flagged (scale-free, no threshold).
+  3. Certificate on y_c: fit a codeword to the kept rows; a row agrees iff its (leave-one-out
+     for kept rows) residual is <= tol·rms(fit); refit on the agreeing rows until stable;
+     ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
+  4. If not ok: peeling — move the worst flagged row to the erasures and redo 2-3, at most S
+     rounds.
+  5. Weights b: minimum-norm b with bᵀB[agree] = ℓᵀB, zero on dropped rows; the mean is
+     Re(bᵀY)/K in the message dtype. A certified answer is the unique decoding (§4).
+
+  Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
+  well-conditioned variant specified in shared/docs/draco-math.md.
+  """
+  consts = _cyclic_constants(code)
+  p = code.num_workers
+
+  def decode(received_PxD, key):
+    contract.check_received(received_PxD, p)
+    base = _tolerance(received_PxD.dtype, tol)
+    tau = base * max(1.0, code.amp) if tol is None else base
+    y_PxC = project(received_PxD, key, _COLUMNS)
+    with jax.enable_x64(True):
+      agree, ok, weights = _decode_small(consts, y_PxC, tau)
+      erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
+      weights = weights.astype(received_PxD.dtype)
+    total_D = _combine_rows(weights, received_PxD, erased)
+    mean_D = jnp.real(total_D) / p
+    return contract.zero_if_not_ok(mean_D, ok), contract.make_report(~agree, ok)
+
+  return jax.jit(decode)
+
+
+DECODERS = {
+  "repetition": _make_repetition_decoder,
+  "cyclic": _make_cyclic_decoder,
+  "cyclic_paper": _make_cyclic_decoder,
+}
+
+
+def make_decoder(code: Code, **options):
+  """The DRACO decoder of ``code``: ``decoder(received_PxD, key) -> (mean_D, report)``.
+
+  Args:
+    code: a :class:`draco_jax.coding.Code` (repetition, cyclic or cyclic_paper).
+    **options: ``tol``, the relative agreement tolerance (default 1e-6 for 32-bit messages,
+      1e-12 for 64-bit; the cyclic default is scaled by the code's rounding gain).
+
+  Returns:
+    A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real
+    dtype of the messages), all zeros when ``report.ok`` is False.
+  """
+  if code.name not in DECODERS:
+    raise ValueError(
+      f"no DRACO decoder for code {code.name!r}; decoders exist for {', '.join(DECODERS)}; "
+      "uncoded messages are combined with draco_jax.aggregators.make_aggregator"
+    )
+  unknown = set(options) - {"tol"}
+  if unknown:
+    raise ValueError(f"unknown decoder options {sorted(unknown)}; valid options: ['tol']")
+  return DECODERS[code.name](code, **options)

@@ -24,6 +24,7 @@ types only while those steps are traced (``jax.enable_x64``): the user's arrays 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,7 +34,7 @@ import numpy as np
 from draco_jax import contract
 from draco_jax.coding import Code
 
-__all__ = ["make_decoder", "project", "DECODERS"]
+__all__ = ["make_decoder", "decoder_parts", "DecoderParts", "project", "DECODERS"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -56,11 +57,26 @@ def _kron_factors(d: int) -> tuple[int, int, int]:
   return padded // 1024, 1024, padded
 
 
-def project(received_PxD: jax.Array, key: jax.Array, num_columns: int) -> jax.Array:
+def project(
+  received_PxD: jax.Array,
+  key: jax.Array,
+  num_columns: int,
+  *,
+  shard_index: jax.Array | int = 0,
+  num_shards: int = 1,
+) -> jax.Array:
   """Y·F for a fresh Kronecker-structured Gaussian F [D, C], in one pass over Y.
 
   Rows with a non-finite entry get a non-finite projection (NaN and Inf propagate through
   every product and sum), so erasures are found without a separate screening pass.
+
+  Args:
+    received_PxD: the messages, or this shard's column slice of them.
+    key: the combiner's key (the same on every shard).
+    num_columns: C.
+    shard_index: which of ``num_shards`` equal column slices ``received_PxD`` is; the slices'
+      projections sum to the projection of the whole (a is drawn for all slices, then cut).
+    num_shards: the number of column slices.
 
   Returns:
     y_PxC in the message dtype.
@@ -69,7 +85,8 @@ def project(received_PxD: jax.Array, key: jax.Array, num_columns: int) -> jax.Ar
   m1, m2, padded = _kron_factors(d)
   real = jnp.finfo(received_PxD.dtype).dtype
   key_a, key_c = jax.random.split(key)
-  a_M1xC = jax.random.normal(key_a, (m1, num_columns), real)
+  a_M1xC = jax.random.normal(key_a, (num_shards * m1, num_columns), real)
+  a_M1xC = jax.lax.dynamic_slice_in_dim(a_M1xC, shard_index * m1, m1)
   c_M2xC = jax.random.normal(key_c, (m2, num_columns), real)
   y = received_PxD if padded == d else jnp.pad(received_PxD, ((0, 0), (0, padded - d)))
   t_PxM1xC = jnp.matmul(y.reshape(p * m1, m2), c_M2xC.astype(y.dtype), precision=_HIGHEST)
@@ -95,6 +112,21 @@ def _tolerance(dtype, tol) -> float:
   return _TOL[jnp.finfo(dtype).bits // 8] if tol is None else float(tol)
 
 
+class DecoderParts(NamedTuple):
+  """A decoder split at its two passes over the messages, so that they can be sharded.
+
+  decode(Y, key) = Re(Σ_k w_k Y_k) / K with (w, erased, report) = solve(project(Y, key, C)).
+
+  Attributes:
+    num_columns: C, the projection columns ``solve`` needs.
+    solve: ``solve(y_PxC, message_dtype) -> (weights_P, erased_P, report)``; pure, P-sized;
+      the weights are zero on every row that is not combined.
+  """
+
+  num_columns: int
+  solve: Callable
+
+
 # --------------------------------------------------------------------------- repetition
 
 
@@ -106,7 +138,7 @@ def _lower_median_rows(v_GxR: jax.Array, erased_GxR: jax.Array) -> jax.Array:
   return jnp.take_along_axis(order_GxR, pick_G[:, None], axis=1)[:, 0]
 
 
-def _make_repetition_decoder(code: Code, tol=None):
+def _repetition_parts(code: Code, tol=None) -> DecoderParts:
   """Majority vote of the fractional repetition code (draco-math §2).
 
   Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
@@ -118,27 +150,22 @@ def _make_repetition_decoder(code: Code, tol=None):
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
-  def decode(received_PxD, key):
-    contract.check_received(received_PxD, p)
-    tau = _tolerance(received_PxD.dtype, tol)
-    v_PxC = project(received_PxD, key, _COLUMNS)
+  def solve(v_PxC, dtype):
+    tau = _tolerance(dtype, tol)
     erased_P = ~jnp.all(jnp.isfinite(v_PxC), axis=1)
-    v_GxRxC = v_PxC.reshape(groups, r, -1)
+    v_GxRxC = jnp.where(erased_P[:, None], 0, v_PxC).reshape(groups, r, -1)
     erased_GxR = erased_P.reshape(groups, r)
     chosen_G = _lower_median_rows(v_GxRxC[:, :, 0], erased_GxR)
     ref_GxC = jnp.take_along_axis(v_GxRxC, chosen_G[:, None, None], axis=1)[:, 0]
     scale_G = jnp.sqrt(jnp.mean(ref_GxC**2, axis=1))
     gap_GxR = jnp.max(jnp.abs(v_GxRxC - ref_GxC[:, None, :]), axis=2)
     agree_GxR = ~erased_GxR & (gap_GxR <= tau * scale_G[:, None])
-    ok_G = 2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1)
-    ok = jnp.all(ok_G)
+    ok = jnp.all(2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1))
     rows_G = chosen_G + r * jnp.arange(groups)
-    weights_P = jnp.zeros(p, received_PxD.dtype).at[rows_G].set(1.0 / p)
-    mean_D = _combine_rows(weights_P, received_PxD, erased_P)
-    report = contract.make_report(~agree_GxR.reshape(p), ok)
-    return contract.zero_if_not_ok(mean_D, ok), report
+    weights_P = jnp.zeros(p, dtype).at[rows_G].set(1.0)
+    return weights_P, erased_P, contract.make_report(~agree_GxR.reshape(p), ok)
 
-  return jax.jit(decode)
+  return DecoderParts(_COLUMNS, solve)
 
 
 # --------------------------------------------------------------------------- cyclic
@@ -253,7 +280,7 @@ def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
 
 
-def _decode_small(c: _Cyclic, y_PxC, tau):
+def _decode_small(c: _Cyclic, y_PxC, tau, unit):
   """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P] complex128)."""
   y_PxC = y_PxC.astype(jnp.complex128)
   erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
@@ -279,10 +306,24 @@ def _decode_small(c: _Cyclic, y_PxC, tau):
   _, _, agree, ok = carry
   b_m = jnp.where(agree[:, None], jnp.asarray(c.basis), 0)
   weights = jnp.linalg.lstsq(b_m.T, jnp.asarray(c.target).astype(b_m.dtype))[0]
-  return agree, ok, jnp.where(agree, weights, 0)
+  weights = jnp.where(agree, weights, 0)
+  return agree, ok & _well_conditioned(weights, y_PxC, unit), weights
 
 
-def _make_cyclic_decoder(code: Code, tol=None):
+def _well_conditioned(weights_P, y_PxC, unit, limit=1e-4):
+  """Refuses combinations whose rounding error could exceed ``limit`` relative.
+
+  Each received row carries rounding of relative size ``unit`` (the message precision), and
+  the output amplifies it by Σ_k |b_k|·‖Y_k‖ / ‖Σ_k b_k Y_k‖. Both norms are estimated from the
+  projections (their rms over the columns). Contiguous adversaries at large P force weights
+  that extrapolate across the gap (draco-math §5.1); this turns a silent error into ok=False.
+  """
+  norms_P = jnp.sqrt(jnp.mean(jnp.abs(y_PxC) ** 2, axis=1))
+  out = jnp.sqrt(jnp.mean(jnp.abs(weights_P @ y_PxC) ** 2))
+  return unit * jnp.sum(jnp.abs(weights_P) * norms_P) <= limit * out
+
+
+def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
 
   1. Project Y on two fresh secret directions (locator y, certificate y_c); rows with a
@@ -302,29 +343,38 @@ def _make_cyclic_decoder(code: Code, tol=None):
   well-conditioned variant specified in shared/docs/draco-math.md.
   """
   consts = _cyclic_constants(code)
-  p = code.num_workers
+  scaled = tol is None
 
-  def decode(received_PxD, key):
-    contract.check_received(received_PxD, p)
-    base = _tolerance(received_PxD.dtype, tol)
-    tau = base * max(1.0, code.amp) if tol is None else base
-    y_PxC = project(received_PxD, key, _COLUMNS)
+  def solve(y_PxC, dtype):
+    tau = _tolerance(dtype, tol) * (max(1.0, code.amp) if scaled else 1.0)
     with jax.enable_x64(True):
-      agree, ok, weights = _decode_small(consts, y_PxC, tau)
-      erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
-      weights = weights.astype(received_PxD.dtype)
-    total_D = _combine_rows(weights, received_PxD, erased)
-    mean_D = jnp.real(total_D) / p
-    return contract.zero_if_not_ok(mean_D, ok), contract.make_report(~agree, ok)
+      unit = float(jnp.finfo(dtype).eps) / 2
+      agree, ok, weights = _decode_small(consts, y_PxC, tau, unit)
+      weights = weights.astype(dtype)
+    erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
+    return weights, erased, contract.make_report(~agree, ok)
 
-  return jax.jit(decode)
+  return DecoderParts(_COLUMNS, solve)
 
 
 DECODERS = {
-  "repetition": _make_repetition_decoder,
-  "cyclic": _make_cyclic_decoder,
-  "cyclic_paper": _make_cyclic_decoder,
+  "repetition": _repetition_parts,
+  "cyclic": _cyclic_parts,
+  "cyclic_paper": _cyclic_parts,
 }
+
+
+def decoder_parts(code: Code, **options) -> DecoderParts:
+  """The decoder of ``code`` split at its two passes over the messages (see DecoderParts)."""
+  if code.name not in DECODERS:
+    raise ValueError(
+      f"no DRACO decoder for code {code.name!r}; decoders exist for {', '.join(DECODERS)}; "
+      "uncoded messages are combined with draco_jax.aggregators.make_aggregator"
+    )
+  unknown = set(options) - {"tol"}
+  if unknown:
+    raise ValueError(f"unknown decoder options {sorted(unknown)}; valid options: ['tol']")
+  return DECODERS[code.name](code, **options)
 
 
 def make_decoder(code: Code, **options):
@@ -339,12 +389,14 @@ def make_decoder(code: Code, **options):
     A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real
     dtype of the messages), all zeros when ``report.ok`` is False.
   """
-  if code.name not in DECODERS:
-    raise ValueError(
-      f"no DRACO decoder for code {code.name!r}; decoders exist for {', '.join(DECODERS)}; "
-      "uncoded messages are combined with draco_jax.aggregators.make_aggregator"
-    )
-  unknown = set(options) - {"tol"}
-  if unknown:
-    raise ValueError(f"unknown decoder options {sorted(unknown)}; valid options: ['tol']")
-  return DECODERS[code.name](code, **options)
+  parts = decoder_parts(code, **options)
+  p = code.num_workers
+
+  def decode(received_PxD, key):
+    contract.check_received(received_PxD, p)
+    y_PxC = project(received_PxD, key, parts.num_columns)
+    weights_P, erased_P, report = parts.solve(y_PxC, received_PxD.dtype)
+    mean_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P)) / p
+    return contract.zero_if_not_ok(mean_D, report.ok), report
+
+  return jax.jit(decode)

@@ -43,7 +43,7 @@ def _median_ms(fn, *args, repeats: int) -> float:
 def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
   rng = np.random.default_rng(seed)
   grads_KxD = rng.standard_normal((code.num_workers, d)).astype(np.float32)
-  sent_PxD = np.asarray(coding.encode(code, jnp.asarray(grads_KxD)))
+  sent_PxD = np.array(coding.encode(code, jnp.asarray(grads_KxD)))
   bad = rng.choice(code.num_workers, code.num_adversaries, replace=False)
   sent_PxD[bad] *= -100.0
   return jnp.asarray(sent_PxD)
@@ -58,6 +58,8 @@ def _floor_ms(x_PxD: jax.Array, repeats: int) -> float:
 
 
 def _aggregators(names, p: int, s: int):
+  if not names:
+    return {}
   from draco_jax import aggregators  # noqa: PLC0415 (optional part of the table)
 
   out = {}

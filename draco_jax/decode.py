@@ -38,11 +38,18 @@ __all__ = ["make_decoder", "decoder_parts", "DecoderParts", "project", "DECODERS
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Relative tolerances: float32 messages have a noise floor of ~1e-7 (draco-math §8).
-_TOL = {4: 1e-6, 8: 1e-12}
-# Projection columns: one locates, the others certify; their rms estimates each row's norm,
-# the scale of its rounding noise (a single Gaussian projection can be small by chance).
-_COLUMNS = 8
+# Relative agreement tolerances by message precision. Repetition copies are bit-identical in
+# simulation, so 1e-6 (float32) leaves room for reduction-order jitter on accelerators.
+_FRC_TOL = {4: 1e-6, 8: 1e-13}
+# Cyclic rows are different combinations of R gradients, each rounded on its own. Measured on
+# honest float32 messages (N(0,1) gradients, the worst case for cancellation, D = 128..4096,
+# P <= 32): residual/row norm <= 17·u·sqrt(R)·amp. The base tolerance keeps a ~5x margin and
+# is multiplied by sqrt(R)·max(1, amp).
+_CYCLIC_TOL = {4: 5e-6, 8: 1e-14}
+# Projection columns: one locates, one certifies (the repetition vote uses both).
+_COLUMNS = 2
+# Refuse answers whose estimated rounding error exceeds this, relative (see _cyclic_parts).
+_NOISE_LIMIT = 1e-4
 
 
 # --------------------------------------------------------------------------- projection
@@ -79,7 +86,9 @@ def project(
     num_shards: the number of column slices.
 
   Returns:
-    y_PxC in the message dtype.
+    (y_PxC in the message dtype, sqnorm_P): the projections and an estimate of each row's
+    squared norm ‖Y_k‖² (float32). The first stage computes t[k, i, c] = Y_k[i-th block]·c_c,
+    whose square has expectation ‖Y_k[i-th block]‖², so Σ_i t² estimates ‖Y_k‖² for free.
   """
   p, d = received_PxD.shape
   m1, m2, padded = _kron_factors(d)
@@ -90,12 +99,10 @@ def project(
   c_M2xC = jax.random.normal(key_c, (m2, num_columns), real)
   y = received_PxD if padded == d else jnp.pad(received_PxD, ((0, 0), (0, padded - d)))
   t_PxM1xC = jnp.matmul(y.reshape(p * m1, m2), c_M2xC.astype(y.dtype), precision=_HIGHEST)
-  return jnp.einsum(
-    "pic,ic->pc",
-    t_PxM1xC.reshape(p, m1, num_columns),
-    a_M1xC.astype(y.dtype),
-    precision=_HIGHEST,
-  )
+  t_PxM1xC = t_PxM1xC.reshape(p, m1, num_columns)
+  y_PxC = jnp.einsum("pic,ic->pc", t_PxM1xC, a_M1xC.astype(y.dtype), precision=_HIGHEST)
+  sqnorm_P = jnp.mean(jnp.sum(jnp.abs(t_PxM1xC) ** 2, axis=1), axis=1).astype(real)
+  return y_PxC, sqnorm_P
 
 
 def _combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
@@ -108,19 +115,21 @@ def _combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) 
   )
 
 
-def _tolerance(dtype, tol) -> float:
-  return _TOL[jnp.finfo(dtype).bits // 8] if tol is None else float(tol)
+def _tolerance(table, dtype, tol) -> float:
+  return table[jnp.finfo(dtype).bits // 8] if tol is None else float(tol)
 
 
 class DecoderParts(NamedTuple):
   """A decoder split at its two passes over the messages, so that they can be sharded.
 
-  decode(Y, key) = Re(Σ_k w_k Y_k) / K with (w, erased, report) = solve(project(Y, key, C)).
+  decode(Y, key) = Re(Σ_k w_k Y_k) / K with (w, erased, report, noise) =
+  solve(*project(Y, key, C), dtype), refused when noise > 1e-4·‖Σ_k w_k Y_k‖.
 
   Attributes:
     num_columns: C, the projection columns ``solve`` needs.
-    solve: ``solve(y_PxC, message_dtype) -> (weights_P, erased_P, report)``; pure, P-sized;
-      the weights are zero on every row that is not combined.
+    solve: ``solve(y_PxC, sqnorm_P, message_dtype) -> (weights_P, erased_P, report, noise)``;
+      pure, P-sized; the weights are zero on every row that is not combined; ``noise`` bounds
+      the rounding error of Σ_k w_k Y_k.
   """
 
   num_columns: int
@@ -142,28 +151,30 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
   """Majority vote of the fractional repetition code (draco-math §2).
 
   Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
-  fingerprints; a row agrees with it iff its fingerprints in C further secret directions are
-  within tol·‖fingerprint of the chosen row‖. A group is ok iff its agreeing rows are a strict
+  fingerprints; a row agrees with it iff its fingerprints in all C secret directions are
+  within tol·‖chosen row‖ of the chosen row's. A group is ok iff its agreeing rows are a strict
   majority of its received rows. Exact (the output is an honest copy) whenever
   2·t_j + e_j <= 2S in every group.
   """
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
-  def solve(v_PxC, dtype):
-    tau = _tolerance(dtype, tol)
-    erased_P = ~jnp.all(jnp.isfinite(v_PxC), axis=1)
+  def solve(v_PxC, sqnorm_P, dtype):
+    tau = _tolerance(_FRC_TOL, dtype, tol)
+    erased_P = ~(jnp.all(jnp.isfinite(v_PxC), axis=1) & jnp.isfinite(sqnorm_P))
     v_GxRxC = jnp.where(erased_P[:, None], 0, v_PxC).reshape(groups, r, -1)
     erased_GxR = erased_P.reshape(groups, r)
     chosen_G = _lower_median_rows(v_GxRxC[:, :, 0], erased_GxR)
     ref_GxC = jnp.take_along_axis(v_GxRxC, chosen_G[:, None, None], axis=1)[:, 0]
-    scale_G = jnp.sqrt(jnp.mean(ref_GxC**2, axis=1))
+    sqnorm_GxR = jnp.where(erased_P, 0, sqnorm_P).reshape(groups, r)
+    scale_G = jnp.sqrt(jnp.take_along_axis(sqnorm_GxR, chosen_G[:, None], axis=1)[:, 0])
     gap_GxR = jnp.max(jnp.abs(v_GxRxC - ref_GxC[:, None, :]), axis=2)
     agree_GxR = ~erased_GxR & (gap_GxR <= tau * scale_G[:, None])
     ok = jnp.all(2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1))
     rows_G = chosen_G + r * jnp.arange(groups)
     weights_P = jnp.zeros(p, dtype).at[rows_G].set(1.0)
-    return weights_P, erased_P, contract.make_report(~agree_GxR.reshape(p), ok)
+    report = contract.make_report(~agree_GxR.reshape(p), ok)
+    return weights_P, erased_P, report, jnp.zeros((), jnp.float32)
 
   return DecoderParts(_COLUMNS, solve)
 
@@ -176,7 +187,7 @@ class _Cyclic(NamedTuple):
 
   p: int
   s: int
-  basis: np.ndarray  # B [P, L]
+  basis: np.ndarray  # B [P, L], real for the centred code
   parity: np.ndarray  # H_par [2S, P]
   u: np.ndarray  # u_k = e^{2πik/P} [P]
   upow: np.ndarray  # u_k^m [P, S+1], exponents reduced mod P
@@ -211,7 +222,7 @@ def _locate(c: _Cyclic, y_P, erased_P):
   e = jnp.sum(erased_P)
   n = jnp.maximum(s2 - e, 0)
   t = n // 2
-  sigma = jnp.asarray(c.parity) @ jnp.where(erased_P, 0, y_P)
+  sigma = jnp.asarray(c.parity) @ jnp.where(erased_P, 0, y_P).astype(jnp.complex128)
   gamma = _erasure_locator(c, erased_P)
   j, m = np.arange(s2)[:, None], np.arange(s2 + 1)[None, :]
   sigma_pad = jnp.concatenate([sigma, jnp.zeros(s2 + 1, sigma.dtype)])
@@ -230,39 +241,56 @@ def _locate(c: _Cyclic, y_P, erased_P):
   return ~erased_P & (rank >= t)
 
 
+def _masked_qr(c: _Cyclic, mask_P):
+  """Q [P, L], R [L, L] of B with the unmasked rows zeroed, and whether R is invertible.
+
+  Householder QR (no SVD: LAPACK's real SVD is pathologically slow at some sizes on CPU).
+  With at least L masked rows B_m has full rank (every L rows of B are independent); with
+  fewer, R is singular and every result built on it is discarded.
+  """
+  q, r = jnp.linalg.qr(jnp.where(mask_P[:, None], jnp.asarray(c.basis), 0))
+  diag = jnp.abs(jnp.diagonal(r))
+  full_rank = jnp.min(diag) > 1e-10 * jnp.max(diag)
+  r = jnp.where(full_rank, r, jnp.eye(r.shape[0], dtype=r.dtype))
+  return q, r, full_rank
+
+
 def _fit(c: _Cyclic, y_PxM, mask_P):
-  """Least-squares codewords through the masked rows: (fit [P, M], leverage of each row [P])."""
-  b_m = jnp.where(mask_P[:, None], jnp.asarray(c.basis), 0)
-  u, sv, vh = jnp.linalg.svd(b_m, full_matrices=False)
-  live = sv > sv[0] * 1e-12
-  inv = jnp.where(live, 1.0 / jnp.where(live, sv, 1.0), 0.0)
-  coeffs = jnp.conj(vh).T @ (inv[:, None] * (jnp.conj(u).T @ jnp.where(mask_P[:, None], y_PxM, 0)))
-  leverage = jnp.sum(jnp.abs(u) ** 2 * live, axis=1)
-  return jnp.asarray(c.basis) @ coeffs, leverage
+  """Least-squares codewords through the masked rows: fit [P, M], leverage [P], full rank."""
+  q, r, full_rank = _masked_qr(c, mask_P)
+  rhs = jnp.conj(q).T @ jnp.where(mask_P[:, None], y_PxM, 0).astype(q.dtype)
+  coeffs = jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
+  leverage = jnp.sum(jnp.abs(q) ** 2, axis=1)
+  return jnp.asarray(c.basis) @ coeffs, leverage, full_rank
 
 
-def _agreement(c: _Cyclic, yc_PxM, erased_P, mask_P, tau):
-  """Rows within tolerance of the codeword fitted on mask, with a per-row threshold.
+def _agreement(c: _Cyclic, yc_PxM, scale, erased_P, mask_P, tau):
+  """Rows within tau·scale of the codeword fitted on mask, with a per-row threshold.
 
   A kept row k pulls the fit towards itself: its residual is (1 − h_k) times its error, h_k
   being its leverage. So kept rows are judged by the leave-one-out residual r_k / (1 − h_k),
-  whose rounding noise is 1/sqrt(1 − h_k) times larger, against tau·rms(fit)/sqrt(1 − h_k).
+  whose rounding noise is 1/sqrt(1 − h_k) times larger, against tau·scale/sqrt(1 − h_k).
   """
-  fit, leverage = _fit(c, yc_PxM, mask_P)
+  fit, leverage, full_rank = _fit(c, yc_PxM, mask_P)
   resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fit) ** 2, axis=1))
   slack = jnp.maximum(1.0 - leverage, 1e-12)
-  live = ~erased_P
-  power = jnp.mean(jnp.abs(fit) ** 2, axis=1)
-  scale = jnp.sqrt(jnp.sum(jnp.where(live, power, 0)) / jnp.maximum(live.sum(), 1))
   close = jnp.where(mask_P, resid / jnp.sqrt(slack), resid) <= tau * scale
-  return live & close
+  return ~erased_P & close & full_rank
 
 
-def _certify(c: _Cyclic, yc_PxM, erased_P, keep_P, tau, refits=3):
+def _certify(c: _Cyclic, yc_PxM, scale, erased_P, keep_P, tau, max_refits=3):
   """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing."""
-  agree = _agreement(c, yc_PxM, erased_P, keep_P, tau)
-  for _ in range(refits):
-    agree = _agreement(c, yc_PxM, erased_P, agree, tau)
+  agree = _agreement(c, yc_PxM, scale, erased_P, keep_P, tau)
+
+  def refit(carry):
+    prev, _, i = carry
+    return prev, _agreement(c, yc_PxM, scale, erased_P, prev, tau), i + 1
+
+  def changing(carry):
+    prev, cur, i = carry
+    return jnp.any(prev != cur) & (i < max_refits)
+
+  _, agree, _ = jax.lax.while_loop(changing, refit, (keep_P, agree, 0))
   e = jnp.sum(erased_P)
   need = c.p - e - (2 * c.s - e) // 2
   ok = (jnp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
@@ -271,7 +299,7 @@ def _certify(c: _Cyclic, yc_PxM, erased_P, keep_P, tau, refits=3):
 
 def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   """The non-erased row farthest from the codeword fitted on the kept rows (flagged first)."""
-  fit, _ = _fit(c, y_P[:, None], keep_P)
+  fit, _, _ = _fit(c, y_P[:, None], keep_P)
   resid = jnp.abs(y_P - fit[:, 0])
   live = ~erased_P
   suspects = jnp.where(jnp.any(live & ~keep_P), live & ~keep_P, live)
@@ -280,16 +308,31 @@ def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
 
 
-def _decode_small(c: _Cyclic, y_PxC, tau, unit):
-  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P] complex128)."""
-  y_PxC = y_PxC.astype(jnp.complex128)
-  erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
+def _weights(c: _Cyclic, agree_P):
+  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows.
+
+  With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
+  """
+  q, r, full_rank = _masked_qr(c, agree_P)
+  coeffs = jax.scipy.linalg.solve_triangular(r.T, jnp.asarray(c.target, r.dtype), lower=True)
+  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0)
+
+
+def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
+  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P])."""
+  real = not np.iscomplexobj(c.basis)
+  y_PxC = y_PxC.astype(jnp.float64 if real else jnp.complex128)
+  erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
   y_PxC = jnp.where(erased[:, None], 0, y_PxC)
   y, yc = y_PxC[:, 0], y_PxC[:, 1:]
+  # The rounding noise of a row scales with its norm; the median over the received rows is
+  # an honest row's norm whenever honest rows are the majority (within the budget).
+  norms = jnp.sqrt(jnp.where(erased, jnp.inf, sqnorm_P.astype(jnp.float64)))
+  scale = jnp.sort(norms)[jnp.maximum(c.p - jnp.sum(erased) - 1, 0) // 2]
 
   def candidate(erased_cur):
     keep = _locate(c, y, erased_cur)
-    agree, ok = _certify(c, yc, erased, keep, tau)
+    agree, ok = _certify(c, yc, scale, erased, keep, tau)
     return keep, agree, ok
 
   def peel(_, carry):
@@ -304,40 +347,29 @@ def _decode_small(c: _Cyclic, y_PxC, tau, unit):
 
   carry = jax.lax.fori_loop(0, c.s, peel, (erased, *candidate(erased)))
   _, _, agree, ok = carry
-  b_m = jnp.where(agree[:, None], jnp.asarray(c.basis), 0)
-  weights = jnp.linalg.lstsq(b_m.T, jnp.asarray(c.target).astype(b_m.dtype))[0]
-  weights = jnp.where(agree, weights, 0)
-  return agree, ok & _well_conditioned(weights, y_PxC, unit), weights
-
-
-def _well_conditioned(weights_P, y_PxC, unit, limit=1e-4):
-  """Refuses combinations whose rounding error could exceed ``limit`` relative.
-
-  Each received row carries rounding of relative size ``unit`` (the message precision), and
-  the output amplifies it by Σ_k |b_k|·‖Y_k‖ / ‖Σ_k b_k Y_k‖. Both norms are estimated from the
-  projections (their rms over the columns). Contiguous adversaries at large P force weights
-  that extrapolate across the gap (draco-math §5.1); this turns a silent error into ok=False.
-  """
-  norms_P = jnp.sqrt(jnp.mean(jnp.abs(y_PxC) ** 2, axis=1))
-  out = jnp.sqrt(jnp.mean(jnp.abs(weights_P @ y_PxC) ** 2))
-  return unit * jnp.sum(jnp.abs(weights_P) * norms_P) <= limit * out
+  weights = _weights(c, agree)
+  noise = jnp.sum(jnp.abs(weights) * jnp.where(erased, 0, norms))
+  return agree, ok, weights, noise
 
 
 def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
 
-  1. Project Y on two fresh secret directions (locator y, certificate y_c); rows with a
-     non-finite projection are erasures.
+  1. Project Y on two fresh secret directions (locator y, certificate y_c) and estimate each
+     row's norm in the same pass; rows with a non-finite projection are erasures.
   2. Syndromes of y on the 2S parity frequencies, erasure locator Γ, modified syndromes,
-     error locator Λ from a masked Hankel system (SVD min-norm least squares), and the
+     error locator Λ from a masked Hankel system (min-norm least squares), and the
      t non-erased rows with the smallest |Λ(u_k)| flagged (scale-free, no threshold).
   3. Certificate on y_c: fit a codeword to the kept rows; a row agrees iff its (leave-one-out
-     for kept rows) residual is <= tol·rms(fit); refit on the agreeing rows until stable;
-     ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
+     for kept rows) residual is <= tol·(median row norm); refit on the agreeing rows until
+     stable; ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
   4. If not ok: peeling — move the worst flagged row to the erasures and redo 2-3, at most S
      rounds.
   5. Weights b: minimum-norm b with bᵀB[agree] = ℓᵀB, zero on dropped rows; the mean is
      Re(bᵀY)/K in the message dtype. A certified answer is the unique decoding (§4).
+  6. Conditioning gate: the rounding error of the combination is at most about
+     u·Σ_k |b_k|·‖Y_k‖; when that exceeds 1e-4·‖Σ_k b_k Y_k‖ (contiguous adversaries at large
+     P force weights that extrapolate across the gap, §5.1) the answer is refused.
 
   Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
   well-conditioned variant specified in shared/docs/draco-math.md.
@@ -345,14 +377,15 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   consts = _cyclic_constants(code)
   scaled = tol is None
 
-  def solve(y_PxC, dtype):
-    tau = _tolerance(dtype, tol) * (max(1.0, code.amp) if scaled else 1.0)
+  def solve(y_PxC, sqnorm_P, dtype):
+    gain = np.sqrt(code.redundancy) * max(1.0, code.amp) if scaled else 1.0
+    tau = _tolerance(_CYCLIC_TOL, dtype, tol) * gain
     with jax.enable_x64(True):
-      unit = float(jnp.finfo(dtype).eps) / 2
-      agree, ok, weights = _decode_small(consts, y_PxC, tau, unit)
+      agree, ok, weights, noise = _decode_small(consts, y_PxC, sqnorm_P, tau)
       weights = weights.astype(dtype)
-    erased = ~jnp.all(jnp.isfinite(y_PxC), axis=1)
-    return weights, erased, contract.make_report(~agree, ok)
+      noise = (noise * float(jnp.finfo(dtype).eps)).astype(jnp.float32)
+    erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
+    return weights, erased, contract.make_report(~agree, ok), noise
 
   return DecoderParts(_COLUMNS, solve)
 
@@ -382,8 +415,9 @@ def make_decoder(code: Code, **options):
 
   Args:
     code: a :class:`draco_jax.coding.Code` (repetition, cyclic or cyclic_paper).
-    **options: ``tol``, the relative agreement tolerance (default 1e-6 for 32-bit messages,
-      1e-12 for 64-bit; the cyclic default is scaled by the code's rounding gain).
+    **options: ``tol``, the relative agreement tolerance (repetition: 1e-6 for 32-bit
+      messages, 1e-13 for 64-bit; cyclic: 5e-6 / 1e-14 times sqrt(R)·max(1, rounding gain)).
+      A given ``tol`` is used as is.
 
   Returns:
     A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real
@@ -394,9 +428,10 @@ def make_decoder(code: Code, **options):
 
   def decode(received_PxD, key):
     contract.check_received(received_PxD, p)
-    y_PxC = project(received_PxD, key, parts.num_columns)
-    weights_P, erased_P, report = parts.solve(y_PxC, received_PxD.dtype)
-    mean_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P)) / p
-    return contract.zero_if_not_ok(mean_D, report.ok), report
+    y_PxC, sqnorm_P = project(received_PxD, key, parts.num_columns)
+    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_P, received_PxD.dtype)
+    total_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P))
+    report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * jnp.linalg.norm(total_D)))
+    return contract.zero_if_not_ok(total_D / p, report.ok), report
 
   return jax.jit(decode)

@@ -12,12 +12,12 @@ from draco_jax.contract import Report
 from draco_jax.decode import make_decoder
 
 __all__ = [
-    "CODES",
-    "Code",
-    "Report",
-    "encode",
-    "encode_rows",
-    "make_code",
-    "make_decoder",
-    "plain_mean",
+  "CODES",
+  "Code",
+  "Report",
+  "encode",
+  "encode_rows",
+  "make_code",
+  "make_decoder",
+  "plain_mean",
 ]

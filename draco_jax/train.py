@@ -1,0 +1,818 @@
+"""DRACO training: one pure jitted step for every code and aggregator, and a thin loop.
+
+Run the offline default (digits, MLP, cyclic code, 2 of 15 workers reversing their gradients):
+
+    python -m draco_jax.train
+
+Shape legend: P workers, K = P partitions, R redundancy, D flattened parameters, B examples per
+partition, H x W x C one example.
+
+One step (:func:`make_train_step`):
+
+1. The per-step key ``fold_in(base_key, step)`` is split into independent placement, straggler,
+   attack and combine keys (draco-math §5.4); the attack never sees the combine key. The data are
+   drawn on the host from (seed, step), so a resumed run reads the same batches.
+2. Workers (``mesh.map_workers``: shard_map across devices, vmap within one): worker k computes
+   the R partition gradients ``code.support[k]`` (labels flipped for a data attack), flattens
+   them and sends ``Σ_t coef[k, t] · g[support[k, t]]``. Every device then holds all P messages.
+3. Server: the attack rewrites the adversarial rows, stragglers' rows become NaN, the combiner
+   (the DRACO decoder or a baseline aggregator on the uncoded scheme) returns the mean gradient
+   and a report, and optax updates the parameters unless ``report.ok`` is False.
+4. Diagnostic: the clean mean of the K partition gradients, and the combined mean's relative
+   deviation from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+from tqdm.auto import tqdm
+
+from draco_jax import aggregators, attacks, coding, contract, data, decode, models
+from draco_jax import mesh as mesh_lib
+from draco_jax.config import (
+  DATA_ATTACKS,
+  TrainConfig,
+  make_optimizer,
+  validate,
+)
+
+__all__ = [
+  "TrainConfig",
+  "TrainState",
+  "Batch",
+  "StepKeys",
+  "Trainer",
+  "split_step_key",
+  "make_trainer",
+  "make_train_step",
+  "train_step",
+  "evaluate",
+  "time_phases",
+  "train_and_evaluate",
+  "main",
+]
+
+_EVAL_BATCH = 512
+_EPS = 1e-30
+
+
+class TrainState(NamedTuple):
+  """Everything a step changes; checkpointed with the base key."""
+
+  step: jax.Array  # int32 []: updates attempted so far (skipped ones included)
+  params: Any  # nnx.State of the model's nnx.Param variables
+  opt_state: Any
+  skipped: jax.Array  # int32 []: steps whose combiner reported ok = False
+
+
+class Batch(NamedTuple):
+  """One step's inputs besides the key."""
+
+  x: jax.Array  # x_KxBxHxWxC
+  y: jax.Array  # y_KxB
+  attack: jax.Array  # int32 []: index into Trainer.attacks (0 in an ordinary run)
+
+
+class StepKeys(NamedTuple):
+  placement: jax.Array
+  straggler: jax.Array
+  attack: jax.Array
+  combine: jax.Array
+
+
+def split_step_key(key: jax.Array) -> StepKeys:
+  """Independent keys for one step; the attack never sees the combine key."""
+  return StepKeys(*jax.random.split(key, len(StepKeys._fields)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces of the step.
+
+
+def _loss(apply_fn: Callable, params, x_NxHxWxC: jax.Array, y_N: jax.Array):
+  logits_NxC = apply_fn(params, x_NxHxWxC)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits_NxC, y_N).mean()
+  return loss, jnp.mean(jnp.argmax(logits_NxC, -1) == y_N)
+
+
+def _flat_grad(apply_fn: Callable, params, x_BxHxWxC: jax.Array, y_B: jax.Array) -> jax.Array:
+  grads = jax.grad(lambda p: _loss(apply_fn, p, x_BxHxWxC, y_B)[0])(params)
+  return ravel_pytree(grads)[0]
+
+
+def _worker_grads(apply_fn, num_classes, params, support_R, poison, x_KxBxHxWxC, y_KxB):
+  """One worker's R partition gradients [R, D], on flipped labels if it poisons its data."""
+  y_RxB = data.flip_labels(y_KxB[support_R], jnp.broadcast_to(poison, support_R.shape), num_classes)
+  grad_fn = functools.partial(_flat_grad, apply_fn)
+  return jax.vmap(grad_fn, (None, 0, 0))(params, x_KxBxHxWxC[support_R], y_RxB)
+
+
+def _worker_encode(coef_R: jax.Array, grads_RxD: jax.Array) -> jax.Array:
+  """One worker's message Σ_t coef[t] · grads[t]."""
+  return coding.encode_rows(coef_R[None], grads_RxD[None])[0]
+
+
+def _partition_stats(apply_fn, params, x_BxHxWxC, y_B):
+  """(loss, accuracy, flattened gradient) of one partition on its true labels."""
+  (loss, acc), grads = jax.value_and_grad(
+    lambda p: _loss(apply_fn, p, x_BxHxWxC, y_B), has_aux=True
+  )(params)
+  return loss, acc, ravel_pytree(grads)[0]
+
+
+def _stragglers(key: jax.Array, mask_P: jax.Array, num_stragglers: int) -> jax.Array:
+  """bool [P]: ``num_stragglers`` workers drawn uniformly among the non-adversarial ones."""
+  if num_stragglers == 0:
+    return jnp.zeros_like(mask_P)
+  score_P = jnp.where(mask_P, jnp.inf, jax.random.uniform(key, mask_P.shape))
+  return jnp.zeros_like(mask_P).at[jnp.argsort(score_P)[:num_stragglers]].set(True)
+
+
+def _corrupt(attack_fns, key, sent_PxD, mask_P, straggle_P, attack_index):
+  """What the server receives: the chosen attack on masked rows, NaN rows for stragglers."""
+  received_PxD = jax.lax.switch(attack_index, attack_fns, key, sent_PxD, mask_P)
+  missing = jnp.asarray(jnp.nan, received_PxD.dtype)
+  return jnp.where(straggle_P[:, None], missing, received_PxD)
+
+
+def _apply_update(tx, unravel, state: TrainState, mean_D: jax.Array, ok: jax.Array) -> TrainState:
+  """The optax update, or no change at all (optimizer state included) when ok is False."""
+  grads = unravel(jnp.real(mean_D))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jnp.where(ok, new, old)
+  return TrainState(
+    step=state.step + 1,
+    params=jax.tree.map(keep, params, state.params),
+    opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+    skipped=state.skipped + jnp.logical_not(ok).astype(jnp.int32),
+  )
+
+
+def _step_metrics(loss, acc, clean_D, mean_D, report, mask_P, straggle_P) -> dict:
+  honest_P = ~mask_P & ~straggle_P
+  deviation = jnp.linalg.norm(jnp.real(mean_D) - clean_D) / (jnp.linalg.norm(clean_D) + _EPS)
+  adversaries = jnp.sum(mask_P.astype(jnp.int32))
+  flagged_adversaries = jnp.sum((report.flagged & mask_P).astype(jnp.int32))
+  return {
+    "loss": loss,
+    "accuracy": acc,
+    "ok": report.ok,
+    "flagged_fraction": flagged_adversaries / jnp.maximum(adversaries, 1),
+    "adversaries": adversaries,
+    "flagged_adversaries": flagged_adversaries,
+    "honest": jnp.sum(honest_P.astype(jnp.int32)),
+    "flagged_honest": jnp.sum((report.flagged & honest_P).astype(jnp.int32)),
+    "deviation": deviation,
+    "grad_norm": jnp.linalg.norm(clean_D),
+    "iterations": report.iterations,
+  }
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer: every host-side object of a run, built once.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity
+class Trainer:
+  """A run's code, mesh, data, model and jitted functions (see :func:`make_trainer`).
+
+  Attributes:
+    attacks: the attack names a step can select with ``Batch.attack``.
+    update_fn: the jitted step ``update_fn(state, batch, key) -> (state, metrics)``.
+    phases: separately jitted pieces of the step, for timing (see :func:`time_phases`).
+    base_key: the run's key; step s uses ``fold_in(base_key, s)``.
+  """
+
+  config: TrainConfig
+  code: coding.Code
+  mesh: jax.sharding.Mesh
+  attacks: tuple[str, ...]
+  train_ds: Any
+  test_ds: Any
+  apply_fn: Callable
+  init_params: Any
+  tx: optax.GradientTransformation
+  update_fn: Callable
+  phases: dict[str, Callable]
+  eval_fn: Callable
+  base_key: jax.Array
+
+  def init_state(self) -> TrainState:
+    """The initial state, replicated on the mesh."""
+    state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=self.init_params,
+      opt_state=self.tx.init(self.init_params),
+      skipped=jnp.zeros((), jnp.int32),
+    )
+    return jax.device_put(state, mesh_lib.replicated(self.mesh))
+
+  def step_inputs(self, step: int, attack: int = 0) -> tuple[Batch, jax.Array]:
+    """The batch and the key of step ``step`` (0-based), placed on the mesh."""
+    x, y = data.partition_batch(
+      self.train_ds,
+      num_partitions=self.config.num_workers,
+      batch_per_partition=self.config.batch_per_partition,
+      seed=self.config.seed,
+      step=step,
+    )
+    batch = Batch(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(attack, jnp.int32))
+    key = jax.random.fold_in(self.base_key, step)
+    return jax.device_put((batch, key), mesh_lib.replicated(self.mesh))
+
+
+def _with_options(kind: str, factory: Callable, *args, **options):
+  """Calls a registry factory, reporting unknown options as a ValueError."""
+  try:
+    return factory(*args, **options)
+  except TypeError as e:
+    raise ValueError(f"bad {kind} options {options!r}: {e}") from None
+
+
+def _make_combiner(config: TrainConfig, code: coding.Code) -> contract.Combiner:
+  if config.is_coded:
+    return _with_options("decoder", decode.make_decoder, code, **config.combiner_options)
+  return _with_options(
+    "aggregator",
+    aggregators.make_aggregator,
+    config.aggregator,
+    config.num_workers,
+    config.tolerance,
+    **config.combiner_options,
+  )
+
+
+def _make_attack_fns(config: TrainConfig, code: coding.Code, names: Sequence[str]) -> tuple:
+  """One message attack per name; data attacks send their (poisoned) messages unchanged."""
+  return tuple(
+    _with_options(
+      "attack",
+      attacks.make_attack,
+      "none" if name in DATA_ATTACKS else name,
+      code=code,
+      **({} if name in DATA_ATTACKS else config.attack_options),
+    )
+    for name in names
+  )
+
+
+def _make_model(config: TrainConfig, train_ds: data.Dataset) -> tuple[Callable, Any]:
+  """(apply_fn(params, x_NxHxWxC) -> logits, params); models hold only nnx.Param state."""
+  model = _with_options(
+    "model",
+    models.make_model,
+    config.model,
+    num_classes=train_ds.num_classes,
+    input_shape=train_ds.input_shape,
+    rngs=nnx.Rngs(config.seed),
+    **config.resolved_model_options,
+  )
+  graphdef, params = nnx.split(model, nnx.Param)
+  return (lambda p, x_NxHxWxC: nnx.merge(graphdef, p)(x_NxHxWxC)), params
+
+
+def _worker_functions(apply_fn: Callable, num_classes: int, mesh: jax.sharding.Mesh):
+  """The per-worker computations, mapped over all P workers of the mesh.
+
+  Returns:
+    gradients(params, support_PxR, poison_P, x, y) -> grads_PxRxD (sharded over workers);
+    encode(coef_PxR, grads_PxRxD) -> sent_PxD (on every device);
+    messages(params, support_PxR, coef_PxR, poison_P, x, y) -> sent_PxD, both fused;
+    stats(params, x_KxBxHxWxC, y_KxB) -> (loss_K, accuracy_K, grads_KxD), one per partition.
+  """
+  grad_one = functools.partial(_worker_grads, apply_fn, num_classes)
+  gradients = mesh_lib.map_workers(
+    grad_one, mesh, per_worker_args=(False, True, True, False, False)
+  )
+  encode = mesh_lib.map_workers(_worker_encode, mesh, per_worker_args=(True, True), gather=True)
+  messages = mesh_lib.map_workers(
+    lambda p, s, c, poison, x, y: _worker_encode(c, grad_one(p, s, poison, x, y)),
+    mesh,
+    per_worker_args=(False, True, True, True, False, False),
+    gather=True,
+  )
+  stats = mesh_lib.map_workers(
+    functools.partial(_partition_stats, apply_fn), mesh, per_worker_args=(False, True, True)
+  )
+  return gradients, encode, messages, stats
+
+
+def make_train_step(
+  config: TrainConfig,
+  code: coding.Code,
+  mesh: jax.sharding.Mesh,
+  apply_fn: Callable,
+  params,
+  tx: optax.GradientTransformation,
+  *,
+  num_classes: int,
+  attack_names: Sequence[str] | None = None,
+) -> tuple[Callable, dict[str, Callable]]:
+  """Builds the pure step ``update_fn(state, batch, key) -> (state, metrics)``.
+
+  Args:
+    config: a validated configuration.
+    code: the gradient code (``uncoded`` for the baselines).
+    mesh: the worker mesh.
+    apply_fn: ``apply_fn(params, x_NxHxWxC) -> logits``.
+    params: the parameters (only their structure is used).
+    tx: the optax transformation.
+    num_classes: for label flipping.
+    attack_names: the attacks ``Batch.attack`` chooses from (default: ``(config.attack,)``).
+      Several attacks compile into one program (``lax.switch``), so a test can run them all
+      with one compilation.
+
+  Returns:
+    (update_fn, phases): the step (not jitted) and its pieces, each a function to jit and time
+    on its own: ``gradients``, ``encode``, ``combine``, ``update`` and the ``clean`` diagnostic.
+  """
+  names = tuple(attack_names or (config.attack,))
+  attack_fns = _make_attack_fns(config, code, names)
+  is_data_attack = jnp.asarray([name in DATA_ATTACKS for name in names])
+  combiner = _make_combiner(config, code)
+  placement = attacks.make_placement(config.placement, code.num_workers, config.num_adversaries)
+  unravel = ravel_pytree(params)[1]
+  support_PxR = jnp.asarray(code.support)
+  coef_PxR = jnp.asarray(code.coef, coding.message_dtype(code, jnp.float32))
+
+  gradients, encode, messages, stats = _worker_functions(apply_fn, num_classes, mesh)
+
+  def clean(params, x_KxBxHxWxC, y_KxB):
+    """Loss, accuracy and the mean gradient over the K partitions, on the true labels."""
+    loss_K, acc_K, grads_KxD = stats(params, x_KxBxHxWxC, y_KxB)
+    w_K = jnp.full(loss_K.shape, 1.0 / code.num_workers)
+    return w_K @ loss_K, w_K @ acc_K, contract.rows_dot(w_K, grads_KxD)
+
+  def combine(key, sent_PxD, mask_P, straggle_P, attack_index):
+    keys = split_step_key(key)
+    received_PxD = _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
+    return combiner(received_PxD, keys.combine)
+
+  def masks(key, step, attack_index):
+    keys = split_step_key(key)
+    mask_P = placement(keys.placement, step)
+    straggle_P = _stragglers(keys.straggler, mask_P, config.num_stragglers)
+    return mask_P, straggle_P, mask_P & is_data_attack[attack_index]
+
+  def update_fn(state: TrainState, batch: Batch, key: jax.Array):
+    mask_P, straggle_P, poison_P = masks(key, state.step, batch.attack)
+    sent_PxD = messages(state.params, support_PxR, coef_PxR, poison_P, batch.x, batch.y)
+    mean_D, report = combine(key, sent_PxD, mask_P, straggle_P, batch.attack)
+    loss, acc, clean_D = clean(state.params, batch.x, batch.y)
+    new_state = _apply_update(tx, unravel, state, mean_D, report.ok)
+    return new_state, _step_metrics(loss, acc, clean_D, mean_D, report, mask_P, straggle_P)
+
+  phases = {
+    "masks": masks,
+    "gradients": lambda params, poison_P, x, y: gradients(params, support_PxR, poison_P, x, y),
+    "encode": lambda grads_PxRxD: encode(coef_PxR, grads_PxRxD),
+    "combine": combine,
+    "update": lambda state, mean_D, ok: _apply_update(tx, unravel, state, mean_D, ok),
+    "clean": clean,
+  }
+  return update_fn, phases
+
+
+def make_trainer(config: TrainConfig, *, attack_names: Sequence[str] | None = None) -> Trainer:
+  """Builds everything a run needs; raises ValueError for an impossible configuration.
+
+  Args:
+    config: the run's configuration (validated here).
+    attack_names: the attacks the step can select (default: ``(config.attack,)``).
+  """
+  validate(config)
+  devices = mesh_lib.select_devices(config.num_devices, config.num_workers)
+  mesh = mesh_lib.make_worker_mesh(config.num_workers, devices)
+  code = coding.make_code(config.code, config.num_workers, config.tolerance)
+  train_ds = data.load_dataset(config.dataset, "train", data_dir=config.data_dir)
+  test_ds = data.load_dataset(config.dataset, "test", data_dir=config.data_dir)
+  apply_fn, params = _make_model(config, train_ds)
+  tx = make_optimizer(config)
+  update_fn, phases = make_train_step(
+    config,
+    code,
+    mesh,
+    apply_fn,
+    params,
+    tx,
+    num_classes=train_ds.num_classes,
+    attack_names=attack_names,
+  )
+
+  def eval_fn(params, x_NxHxWxC, y_N, mask_N):
+    return jnp.sum(mask_N & (jnp.argmax(apply_fn(params, x_NxHxWxC), -1) == y_N))
+
+  return Trainer(
+    config=config,
+    code=code,
+    mesh=mesh,
+    attacks=tuple(attack_names or (config.attack,)),
+    train_ds=train_ds,
+    test_ds=test_ds,
+    apply_fn=apply_fn,
+    init_params=params,
+    tx=tx,
+    update_fn=jax.jit(update_fn),
+    phases={name: jax.jit(fn) for name, fn in phases.items()},
+    eval_fn=jax.jit(eval_fn),
+    base_key=jax.random.key(config.seed),
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side helpers: one step, evaluation, timing.
+
+
+def train_step(
+  trainer: Trainer, state: TrainState, step: int, attack: int = 0
+) -> tuple[TrainState, dict[str, float]]:
+  """Runs step ``step`` and waits for it (collective steps must block each time, see
+  shared/docs/jax-environment.md §4); returns the new state and the metrics as floats."""
+  batch, key = trainer.step_inputs(step, attack)
+  state, metrics = trainer.update_fn(state, batch, key)
+  return state, {name: float(value) for name, value in jax.device_get(metrics).items()}
+
+
+def evaluate(trainer: Trainer, params) -> float:
+  """Test-set accuracy."""
+  correct = 0
+  for x, y, mask in data.eval_batches(trainer.test_ds, _EVAL_BATCH):
+    correct += int(trainer.eval_fn(params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)))
+  return correct / trainer.test_ds.num_examples
+
+
+def _timed(fn: Callable, *args) -> tuple[Any, float]:
+  start = time.perf_counter()
+  out = jax.block_until_ready(fn(*args))
+  return out, 1e3 * (time.perf_counter() - start)
+
+
+def time_phases(trainer: Trainer, state: TrainState, step: int, repeats: int = 2) -> dict:
+  """Milliseconds per phase of step ``step``, each phase jitted on its own and waited for.
+
+  The state is not changed. The last of ``repeats`` rounds is reported (the first compiles).
+  """
+  ph = trainer.phases
+  batch, key = trainer.step_inputs(step)
+  for _ in range(repeats):
+    ms = {}
+    (mask_P, straggle_P, poison_P), _ = _timed(ph["masks"], key, state.step, batch.attack)
+    grads_PxRxD, ms["gradients"] = _timed(ph["gradients"], state.params, poison_P, batch.x, batch.y)
+    sent_PxD, ms["encode"] = _timed(ph["encode"], grads_PxRxD)
+    (mean_D, report), ms["combine"] = _timed(
+      ph["combine"], key, sent_PxD, mask_P, straggle_P, batch.attack
+    )
+    _, ms["update"] = _timed(ph["update"], state, mean_D, report.ok)
+    _, ms["clean"] = _timed(ph["clean"], state.params, batch.x, batch.y)
+    _, ms["step"] = _timed(trainer.update_fn, state, batch, key)
+  return ms
+
+
+# ---------------------------------------------------------------------------------------------
+# The workdir: metrics, TensorBoard, config and checkpoints.
+
+
+class _Summary:
+  """Running totals over the steps of one invocation."""
+
+  def __init__(self):
+    self.steps = self.skipped = 0
+    self.adversaries = self.flagged_adversaries = self.honest = self.flagged_honest = 0
+    self.deviations: list[float] = []
+
+  def add(self, m: dict[str, float]) -> None:
+    self.steps += 1
+    self.skipped += int(not m["ok"])
+    self.adversaries += int(m["adversaries"])
+    self.flagged_adversaries += int(m["flagged_adversaries"])
+    self.honest += int(m["honest"])
+    self.flagged_honest += int(m["flagged_honest"])
+    if m["ok"]:
+      self.deviations.append(m["deviation"])
+
+  def results(self) -> dict[str, float]:
+    dev = np.asarray(self.deviations or [np.nan])
+    return {
+      "steps_run": self.steps,
+      "skipped_steps": self.skipped,
+      "flagged_fraction": self.flagged_adversaries / max(self.adversaries, 1),
+      "honest_flagged_fraction": self.flagged_honest / max(self.honest, 1),
+      "deviation_mean": float(np.mean(dev)),
+      "deviation_max": float(np.max(dev)),
+    }
+
+
+class _Workdir:
+  """Metrics lines, TensorBoard, config.json and orbax checkpoints of one run directory.
+
+  Only process 0 writes files; every process calls the checkpoint manager (orbax coordinates
+  multi-process saves itself and writes replicated arrays from the primary host).
+  """
+
+  def __init__(self, config: TrainConfig, workdir: str):
+    self.path = os.path.abspath(workdir)
+    self.is_writer = jax.process_index() == 0
+    self.checkpoints = ocp.CheckpointManager(
+      os.path.join(self.path, "checkpoints"),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+    self._check_resume(config)
+    self.metrics_file = self.writer = None
+
+  def _check_resume(self, config: TrainConfig) -> None:
+    latest = self.checkpoints.latest_step()
+    if latest is not None and not config.resume:
+      raise ValueError(
+        f"workdir {self.path} already holds checkpoints (latest step {latest}); pass "
+        "--resume to continue that run or choose another --workdir"
+      )
+    config_path = os.path.join(self.path, "config.json")
+    if config.resume and os.path.exists(config_path):
+      with open(config_path) as f:
+        diffs = config.differences(f.read())
+      if diffs:
+        raise ValueError(f"cannot resume {self.path} with a different config: {'; '.join(diffs)}")
+
+  def open(self, config: TrainConfig, start_step: int) -> None:
+    """Writes config.json and opens the metrics (dropping lines past a resumed step)."""
+    if not self.is_writer:
+      return
+    with open(os.path.join(self.path, "config.json"), "w") as f:
+      f.write(config.to_json())
+    metrics_path = os.path.join(self.path, "metrics.jsonl")
+    kept = []
+    if os.path.exists(metrics_path):
+      with open(metrics_path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+    self.metrics_file = open(metrics_path, "w")
+    self.metrics_file.writelines(kept)
+    self.writer = _summary_writer(os.path.join(self.path, "tensorboard"))
+
+  def restore(self, trainer: Trainer) -> tuple[TrainState, int]:
+    """The latest checkpoint (or the initial state) and the step to start from."""
+    state = trainer.init_state()
+    latest = self.checkpoints.latest_step()
+    if latest is None:
+      return state, 0
+    target = {"state": state._asdict(), "rng": jax.random.key_data(trainer.base_key)}
+    restored = self.checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
+    if not np.array_equal(restored["rng"], target["rng"]):
+      raise ValueError(f"checkpoint in {self.path} was made with another seed")
+    state = jax.device_put(TrainState(**restored["state"]), mesh_lib.replicated(trainer.mesh))
+    logging.info("resumed from step %d in %s", latest, self.path)
+    return state, latest
+
+  def save(self, trainer: Trainer, state: TrainState, step: int) -> None:
+    tree = {"state": state._asdict(), "rng": jax.random.key_data(trainer.base_key)}
+    self.checkpoints.save(step, args=ocp.args.StandardSave(tree))
+
+  def log(self, record: dict[str, Any]) -> None:
+    if not self.is_writer:
+      return
+    self.metrics_file.write(json.dumps(record) + "\n")
+    self.metrics_file.flush()
+    if self.writer is not None:
+      for name, value in _flatten(record).items():
+        if name != "step":
+          self.writer.add_scalar(name, value, record["step"])
+
+  def close(self, results: dict[str, Any]) -> None:
+    self.checkpoints.wait_until_finished()
+    self.checkpoints.close()
+    if not self.is_writer:
+      return
+    with open(os.path.join(self.path, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    self.metrics_file.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+def _summary_writer(path: str):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # TensorBoard summaries are optional
+    logging.warning("tensorboardX is not installed; no TensorBoard summaries")
+    return None
+  return SummaryWriter(path)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+  flat = {}
+  for name, value in record.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{name}/"))
+    else:
+      flat[prefix + name] = float(value)
+  return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _is_due(step: int, every: int, last: int) -> bool:
+  return step % every == 0 or step == last
+
+
+def _fit(trainer: Trainer, workdir: _Workdir) -> dict[str, Any]:
+  """The thin loop: step, log, evaluate and time, checkpoint; returns the results."""
+  config = trainer.config
+  state, start = workdir.restore(trainer)
+  workdir.open(config, start)
+  summary, started = _Summary(), time.perf_counter()
+  accuracy, timing, step_seconds, steps_since_log = None, {}, 0.0, 0
+  bar = tqdm(
+    range(start, config.steps), initial=start, total=config.steps, disable=not workdir.is_writer
+  )
+  for index in bar:
+    tick = time.perf_counter()
+    state, metrics = train_step(trainer, state, index)
+    step_seconds, steps_since_log = step_seconds + time.perf_counter() - tick, steps_since_log + 1
+    summary.add(metrics)
+    step = index + 1
+    record = {"step": step, **metrics}
+    if _is_due(step, config.eval_every, config.steps):
+      accuracy = evaluate(trainer, state.params)
+      timing = time_phases(trainer, state, step) if config.timing else {}
+      record.update(test_accuracy=accuracy, timing_ms=timing)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", test_acc=f"{accuracy:.3f}")
+    if _is_due(step, config.log_every, config.steps) or "test_accuracy" in record:
+      record.update(
+        wall_time=time.perf_counter() - started, ms_per_step=1e3 * step_seconds / steps_since_log
+      )
+      step_seconds, steps_since_log = 0.0, 0
+      workdir.log(record)
+    if _is_due(step, config.checkpoint_every, config.steps):
+      workdir.save(trainer, state, step)
+  wall = time.perf_counter() - started
+  if accuracy is None:  # nothing left to run: evaluate the restored state
+    accuracy = evaluate(trainer, state.params)
+  results = {
+    "test_accuracy": accuracy,
+    "final_step": int(state.step),
+    "total_skipped_steps": int(state.skipped),
+    **summary.results(),
+    "wall_time_s": wall,
+    "steps_per_second": summary.steps / max(wall, 1e-9),
+    "timing_ms": timing,
+    "workdir": workdir.path,
+  }
+  workdir.close(results)
+  return {**results, "state": state}
+
+
+def _open(config: TrainConfig, workdir: str) -> tuple[Trainer, _Workdir]:
+  """Everything that can reject a configuration, before any step runs."""
+  trainer = make_trainer(config)
+  return trainer, _Workdir(config, workdir)
+
+
+def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
+  """Trains, evaluates and checkpoints one run in ``workdir``.
+
+  Returns:
+    A results dict: ``test_accuracy``, ``flagged_fraction`` (adversarial rows flagged / all
+    adversarial rows), ``honest_flagged_fraction``, ``deviation_mean`` / ``deviation_max``
+    (relative ‖combined − clean mean‖ over steps that were applied), ``skipped_steps``,
+    timings, and ``state`` (the final :class:`TrainState`).
+
+  Raises:
+    ValueError: the configuration is impossible (before any step runs).
+  """
+  return _fit(*_open(config, workdir))
+
+
+def _print_summary(results: dict[str, Any]) -> None:
+  timing = ", ".join(f"{k} {v:.2f}" for k, v in results["timing_ms"].items())
+  print(
+    "\n".join(
+      [
+        "== DRACO run summary ==",
+        f"test accuracy            {results['test_accuracy']:.4f}",
+        f"adversarial rows flagged {results['flagged_fraction']:.4f}",
+        f"honest rows flagged      {results['honest_flagged_fraction']:.4f}",
+        f"deviation from clean     mean {results['deviation_mean']:.2e}, "
+        f"max {results['deviation_max']:.2e}",
+        f"skipped steps            {results['skipped_steps']} of {results['steps_run']} run "
+        f"({results['total_skipped_steps']} of {results['final_step']} in all)",
+        f"wall time                {results['wall_time_s']:.1f} s "
+        f"({results['steps_per_second']:.1f} steps/s)",
+        f"phase timing (ms)        {timing}",
+        f"workdir                  {results['workdir']}",
+      ]
+    )
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+_DEFAULT = TrainConfig()
+_FLAGS = {
+  "code": (flags.DEFINE_string, f"Gradient code: one of {', '.join(coding.CODES)}."),
+  "num_workers": (flags.DEFINE_integer, "P, workers (= partitions per step)."),
+  "num_adversaries": (flags.DEFINE_integer, "t, adversarial workers per step."),
+  "max_adversaries": (flags.DEFINE_integer, "S the scheme tolerates (-1: num_adversaries)."),
+  "attack": (flags.DEFINE_string, "Attack name, or label_flip (a data attack), or none."),
+  "placement": (flags.DEFINE_string, "Adversary placement: fixed, random, contiguous or none."),
+  "aggregator": (flags.DEFINE_string, "'draco' for coded schemes; a baseline with uncoded."),
+  "model": (flags.DEFINE_string, "Model name."),
+  "dataset": (flags.DEFINE_string, "Dataset name."),
+  "data_dir": (flags.DEFINE_string, "Prepared datasets directory."),
+  "optimizer": (flags.DEFINE_string, "sgd, momentum or adam."),
+  "learning_rate": (flags.DEFINE_float, "Learning rate."),
+  "batch_per_partition": (flags.DEFINE_integer, "B, examples per partition."),
+  "steps": (flags.DEFINE_integer, "Total optimizer steps."),
+  "eval_every": (flags.DEFINE_integer, "Steps between evaluations and phase timings."),
+  "log_every": (flags.DEFINE_integer, "Steps between metrics lines."),
+  "checkpoint_every": (flags.DEFINE_integer, "Steps between checkpoints."),
+  "timing": (flags.DEFINE_bool, "Time each phase of the step at every evaluation."),
+  "seed": (flags.DEFINE_integer, "Seed of parameters, data and per-step keys."),
+  "resume": (flags.DEFINE_bool, "Continue from the latest checkpoint in --workdir."),
+  "num_stragglers": (flags.DEFINE_integer, "e, missing honest messages per step."),
+  "num_devices": (
+    flags.DEFINE_integer,
+    "Devices on the mesh (0 = all, or the most that divide P).",
+  ),
+}
+for _name, (_define, _help) in _FLAGS.items():
+  _define(_name, getattr(_DEFAULT, _name), _help)
+_OPTION_FLAGS = {
+  "model_options": 'Model options, JSON (default for mlp: {"hidden": [64]}).',
+  "attack_options": 'Attack options, JSON, e.g. {"scale": 10}.',
+  "combiner_options": "Decoder or aggregator options, JSON.",
+}
+for _name, _help in _OPTION_FLAGS.items():
+  flags.DEFINE_string(_name, None, _help)
+flags.DEFINE_string("workdir", None, "Run directory (default: ./workdir/run-<date>-<time>).")
+FLAGS = flags.FLAGS
+
+
+def _parse_options(name: str) -> dict[str, Any] | None:
+  text = getattr(FLAGS, name)
+  if text is None:
+    return None
+  try:
+    options = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"--{name} must be a JSON object; got {text!r} ({e})") from None
+  if not isinstance(options, dict):
+    raise ValueError(f"--{name} must be a JSON object; got {text!r}")
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+
+
+def _config_from_flags() -> TrainConfig:
+  values = {name: getattr(FLAGS, name) for name in _FLAGS}
+  for name in _OPTION_FLAGS:
+    options = _parse_options(name)
+    if options is not None:
+      values[name] = options
+  return TrainConfig(**values)
+
+
+def _default_workdir() -> str:
+  return os.path.join("workdir", time.strftime("run-%Y%m%d-%H%M%S"))
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+    logging.set_verbosity(logging.WARNING)
+  try:
+    config = _config_from_flags()
+    if config.resume and not FLAGS.workdir:
+      raise ValueError("--resume needs the --workdir of the run to continue")
+    trainer, workdir = _open(config, FLAGS.workdir or _default_workdir())
+  except ValueError as e:  # a bad configuration: one clear line, no traceback
+    print(
+      f"FATAL Configuration error: {e}\nPass --helpshort or --helpfull to see help on flags.",
+      file=sys.stderr,
+    )
+    sys.exit(1)
+  results = _fit(trainer, workdir)
+  if workdir.is_writer:
+    _print_summary(results)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -46,8 +46,9 @@ _FRC_TOL = {4: 1e-6, 8: 1e-13}
 # P <= 32): residual/row norm <= 17·u·sqrt(R)·amp. The base tolerance keeps a ~5x margin and
 # is multiplied by sqrt(R)·max(1, amp).
 _CYCLIC_TOL = {4: 5e-6, 8: 1e-14}
-# Projection columns: one locates, one certifies (the repetition vote uses both).
-_COLUMNS = 2
+# Projection columns: one locates, three certify (the repetition vote uses all four). A single
+# certificate column lets a bad row through with probability ~ tolerance / its error.
+_COLUMNS = 4
 # Refuse answers whose estimated rounding error exceeds this, relative (see _cyclic_parts).
 _NOISE_LIMIT = 1e-4
 
@@ -87,8 +88,8 @@ def project(
 
   Returns:
     (y_PxC in the message dtype, sqnorm_P): the projections and an estimate of each row's
-    squared norm ‖Y_k‖² (float32). The first stage computes t[k, i, c] = Y_k[i-th block]·c_c,
-    whose square has expectation ‖Y_k[i-th block]‖², so Σ_i t² estimates ‖Y_k‖² for free.
+    projected variance (float32). The first stage computes t[k, i, c] = Y_k[i-th block]·c_c,
+    so y[k, c] = Σ_i a_ic t[k, i, c] and Σ_i a_ic² t² (≈ ‖Y_k‖² for large m1) sets its scale.
   """
   p, d = received_PxD.shape
   m1, m2, padded = _kron_factors(d)
@@ -101,7 +102,9 @@ def project(
   t_PxM1xC = jnp.matmul(y.reshape(p * m1, m2), c_M2xC.astype(y.dtype), precision=_HIGHEST)
   t_PxM1xC = t_PxM1xC.reshape(p, m1, num_columns)
   y_PxC = jnp.einsum("pic,ic->pc", t_PxM1xC, a_M1xC.astype(y.dtype), precision=_HIGHEST)
-  sqnorm_P = jnp.mean(jnp.sum(jnp.abs(t_PxM1xC) ** 2, axis=1), axis=1).astype(real)
+  # Σ_i a_i² t_i² is the variance of y given a: the scale of y's honest rounding noise.
+  weighted = jnp.abs(t_PxM1xC) ** 2 * (a_M1xC**2)[None].astype(real)
+  sqnorm_P = jnp.mean(jnp.sum(weighted, axis=1), axis=1).astype(real)
   return y_PxC, sqnorm_P
 
 

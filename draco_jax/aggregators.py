@@ -25,7 +25,6 @@ are rescaled by a power of two instead of being treated as infinitely far.
 from __future__ import annotations
 
 import functools
-import inspect
 import numbers
 import operator
 from collections.abc import Callable
@@ -557,17 +556,6 @@ AGGREGATORS: dict[str, Callable[..., contract.Combiner]] = {
 }
 
 
-def _check_options(what: str, factory: Callable, options: dict) -> None:
-  """Raises ValueError naming unknown keyword options and listing the valid ones."""
-  params = inspect.signature(factory).parameters.values()
-  valid = [q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY]
-  unknown = sorted(set(options) - set(valid))
-  if unknown:
-    raise ValueError(
-      f"{what}: unknown options {unknown}; valid options: {', '.join(valid) or 'none'}"
-    )
-
-
 def make_aggregator(
   name: str, num_workers: int, num_adversaries: int, **options
 ) -> contract.Combiner:
@@ -591,5 +579,5 @@ def make_aggregator(
   if name not in AGGREGATORS:
     raise ValueError(f"unknown aggregator {name!r}; valid aggregators: {', '.join(AGGREGATORS)}")
   factory = AGGREGATORS[name]
-  _check_options(f"aggregator {name!r}", factory, options)
+  contract.check_options(f"aggregator {name!r}", factory, options)
   return factory(num_workers, num_adversaries, **options)

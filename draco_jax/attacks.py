@@ -19,7 +19,6 @@ A placement is built by :func:`make_placement` and called as ``mask_P = placemen
 
 from __future__ import annotations
 
-import inspect
 import numbers
 import operator
 from collections.abc import Callable
@@ -52,17 +51,6 @@ _Bad = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 # ----------------------------------------------------------------------------------------------
 # Validation.
-
-
-def _check_options(what: str, factory: Callable, options: dict) -> None:
-  """Raises ValueError naming unknown keyword options and listing the valid ones."""
-  params = inspect.signature(factory).parameters.values()
-  valid = [q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY]
-  unknown = sorted(set(options) - set(valid))
-  if unknown:
-    raise ValueError(
-      f"{what}: unknown options {unknown}; valid options: {', '.join(valid) or 'none'}"
-    )
 
 
 def _number(what: str, value, *, positive: bool = False) -> float:
@@ -444,7 +432,7 @@ def make_attack(name: str, code: Code | None = None, **options) -> Attack:
   if name not in ATTACKS:
     raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
   factory = ATTACKS[name]
-  _check_options(f"attack {name!r}", factory, options)
+  contract.check_options(f"attack {name!r}", factory, options)
   bad = factory(code, **options)
 
   def attack(key: jax.Array, sent_PxD: ArrayLike, mask_P: ArrayLike) -> jax.Array:
@@ -546,7 +534,7 @@ def make_placement(kind: str, num_workers: int, num_adversaries: int, **options)
   if kind not in PLACEMENTS:
     raise ValueError(f"unknown placement {kind!r}; valid placements: {', '.join(PLACEMENTS)}")
   factory = PLACEMENTS[kind]
-  _check_options(f"placement {kind!r}", factory, options)
+  contract.check_options(f"placement {kind!r}", factory, options)
   p = _integer(f"placement {kind!r}: num_workers (P)", num_workers, 1)
   s = _integer(f"placement {kind!r}: num_adversaries (S)", num_adversaries, 0, p)
   return factory(p, s, **options)

@@ -21,13 +21,23 @@ input, so new adversary sets or values never recompile.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Report", "Combiner", "check_received", "finite_rows", "zero_if_not_ok", "rows_dot"]
+__all__ = [
+  "Report",
+  "make_report",
+  "check_options",
+  "Combiner",
+  "check_received",
+  "finite_rows",
+  "zero_if_not_ok",
+  "rows_dot",
+]
 
 
 class Report(NamedTuple):
@@ -83,3 +93,14 @@ def rows_dot(w_P: jax.Array, x_PxD: jax.Array) -> jax.Array:
 def zero_if_not_ok(mean_D: jax.Array, ok: jax.Array) -> jax.Array:
   """Enforces the contract: the output is all zeros (never non-finite) when ok is False."""
   return jnp.where(ok, mean_D, jnp.zeros_like(mean_D))
+
+
+def check_options(what: str, factory: Callable, options: dict) -> None:
+  """Raises ValueError naming unknown keyword options and listing the valid ones."""
+  params = inspect.signature(factory).parameters.values()
+  valid = [q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY]
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise ValueError(
+      f"{what}: unknown options {unknown}; valid options: {', '.join(valid) or 'none'}"
+    )

@@ -20,6 +20,12 @@ distances (Krum, Bulyan) come from a Gram matrix at HIGHEST precision, clamped a
 distances (geometric median, centered clipping) from explicit differences, which keep their
 precision for rows near the point. Rows whose squared norm overflows (1e30 entries in float32)
 are rescaled by a power of two instead of being treated as infinitely far.
+
+Sharding: every reduction over D (row finiteness, norms, distances, Gram matrices) goes through a
+:class:`_Slices` object, so the same rules run on whole rows (:func:`make_aggregator`) or, inside
+``jax.shard_map``, on one column slice per device with those reductions psum'd over a mesh axis
+(:func:`make_sliced_aggregator`, used by :mod:`draco_jax.sharded`). Coordinate-wise steps need no
+communication; selections and iterations read only psum'd values, so every device decides alike.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import functools
 import numbers
 import operator
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +43,45 @@ from jax.typing import ArrayLike
 
 from draco_jax import contract
 
-__all__ = ["AGGREGATORS", "make_aggregator", "krum_scores"]
+__all__ = ["AGGREGATORS", "make_aggregator", "make_sliced_aggregator", "krum_scores"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# A rule maps the checked input to (mean_D, flagged_P, iterations); the wrapper adds the contract.
-_Rule = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array | int]]
+
+class _Slices(NamedTuple):
+  """Where the D axis of the rows lives.
+
+  ``axis_name=None``: each call sees whole rows. Otherwise each device of mesh axis
+  ``axis_name`` holds all P rows of one column slice, and a reduction over D is the sum (or max)
+  of the slices' partial results, which every device then holds alike.
+  """
+
+  axis_name: str | None = None
+
+  def sum(self, partial):
+    return partial if self.axis_name is None else jax.lax.psum(partial, self.axis_name)
+
+  def max(self, partial):
+    return partial if self.axis_name is None else jax.lax.pmax(partial, self.axis_name)
+
+  def finite_rows(self, x_PxD: jax.Array) -> jax.Array:
+    """bool [P]: rows finite in every slice."""
+    if self.axis_name is None:
+      return contract.finite_rows(x_PxD)
+    return self.sum(jnp.sum(~jnp.isfinite(x_PxD), axis=1, dtype=jnp.int32)) == 0
+
+  def all_finite(self, v_D: jax.Array) -> jax.Array:
+    """bool []: every entry of every slice of v is finite."""
+    if self.axis_name is None:
+      return jnp.all(jnp.isfinite(v_D))
+    return self.sum(jnp.sum(~jnp.isfinite(v_D), dtype=jnp.int32)) == 0
+
+
+_WHOLE = _Slices()
+
+# A rule maps the checked input and its slicing to (mean_D, flagged_P, iterations); the wrapper
+# adds the contract.
+_Rule = Callable[[jax.Array, _Slices], tuple[jax.Array, jax.Array, jax.Array | int]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,14 +127,16 @@ def _checked_input(rule: str, received_PxD: ArrayLike, num_workers: int) -> jax.
   return x_PxD
 
 
-def _combiner(rule_name: str, num_workers: int, rule: _Rule) -> contract.Combiner:
+def _combiner(
+  rule_name: str, num_workers: int, rule: _Rule, slices: _Slices = _WHOLE
+) -> contract.Combiner:
   """Wraps a rule into the contract: ok = finite output, zeros when not ok."""
 
   def aggregate(received_PxD: ArrayLike, key: ArrayLike | None = None):
     del key  # Baselines are deterministic.
     x_PxD = _checked_input(rule_name, received_PxD, num_workers)
-    mean_D, flagged_P, iterations = rule(x_PxD)
-    ok = jnp.all(jnp.isfinite(mean_D))
+    mean_D, flagged_P, iterations = rule(x_PxD, slices)
+    ok = slices.all_finite(mean_D)
     report = contract.make_report(flagged_P, ok, iterations)
     return contract.zero_if_not_ok(mean_D, ok), report
 
@@ -179,7 +221,7 @@ def _finite_median(x_PxD: jax.Array, finite_P: jax.Array) -> jax.Array:
   return 0.5 * lower_D + 0.5 * upper_D
 
 
-def _distances(x_PxD: jax.Array, y_D: jax.Array) -> jax.Array:
+def _distances(x_PxD: jax.Array, y_D: jax.Array, slices: _Slices) -> jax.Array:
   """‖x_k − y‖ for every row, from explicit differences.
 
   Used for point-to-rows distances (Weiszfeld, clipping), where a Gram form would lose all
@@ -189,23 +231,23 @@ def _distances(x_PxD: jax.Array, y_D: jax.Array) -> jax.Array:
   """
   # Differences are recomputed inside the branch: capturing them would materialise a [P, D]
   # temporary instead of fusing the subtraction into the reduction.
-  d2_P = jnp.sum(jnp.square(x_PxD - y_D[None, :]), axis=1)
+  d2_P = slices.sum(jnp.sum(jnp.square(x_PxD - y_D[None, :]), axis=1))
   exponent = jnp.finfo(x_PxD.dtype).maxexp * 3 // 4
   scale, unscale = 2.0**-exponent, 2.0**exponent
 
   def rescaled():
     scaled_PxD = x_PxD * scale - y_D[None, :] * scale
-    scaled_P = jnp.sqrt(jnp.sum(jnp.square(scaled_PxD), axis=1)) * unscale
+    scaled_P = jnp.sqrt(slices.sum(jnp.sum(jnp.square(scaled_PxD), axis=1))) * unscale
     return jnp.where(jnp.isinf(d2_P), scaled_P, jnp.sqrt(d2_P))
 
   return jax.lax.cond(jnp.any(jnp.isinf(d2_P)), rescaled, lambda: jnp.sqrt(d2_P))
 
 
-def _norm(v_D: jax.Array) -> jax.Array:
+def _norm(v_D: jax.Array, slices: _Slices) -> jax.Array:
   """‖v‖ without overflow or underflow of the squares (scaled by max |v_i|)."""
-  m = jnp.max(jnp.abs(v_D))
+  m = slices.max(jnp.max(jnp.abs(v_D)))
   safe = jnp.where((m > 0) & jnp.isfinite(m), m, 1)
-  return jnp.where(m > 0, safe * jnp.sqrt(jnp.sum(jnp.square(v_D / safe))), 0)
+  return jnp.where(m > 0, safe * jnp.sqrt(slices.sum(jnp.sum(jnp.square(v_D / safe)))), 0)
 
 
 def _finite_mean(x0_PxD: jax.Array, finite_P: jax.Array) -> jax.Array:
@@ -216,7 +258,7 @@ def _finite_mean(x0_PxD: jax.Array, finite_P: jax.Array) -> jax.Array:
 
 
 def _gram_sq_distances(
-  x_PxD: jax.Array, u_P: jax.Array | None = None
+  x_PxD: jax.Array, slices: _Slices, u_P: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
   """(‖x_i − x_j‖², ‖x̃_i‖²) from the Gram matrix of x̃_i = x_i / u_i (u_i powers of two).
 
@@ -225,7 +267,7 @@ def _gram_sq_distances(
   other relative to their norms, rounding can make the difference slightly negative.
   """
   xs_PxD = x_PxD if u_P is None else x_PxD / u_P[:, None]
-  gram_PxP = jnp.matmul(xs_PxD, xs_PxD.T, precision=_HIGHEST)
+  gram_PxP = slices.sum(jnp.matmul(xs_PxD, xs_PxD.T, precision=_HIGHEST))
   norms_P = jnp.diagonal(gram_PxP)
   if u_P is None:
     return jnp.maximum(norms_P[:, None] + norms_P[None, :] - 2 * gram_PxP, 0), norms_P
@@ -234,7 +276,7 @@ def _gram_sq_distances(
   return jnp.maximum(inner_PxP, 0) * u_P[:, None] * u_P[None, :], norms_P
 
 
-def _pairwise_sq_distances(x_PxD: jax.Array) -> jax.Array:
+def _pairwise_sq_distances(x_PxD: jax.Array, slices: _Slices) -> jax.Array:
   """‖x_i − x_j‖² from the Gram matrix (HIGHEST precision, clamped at 0).
 
   Rows whose squared norm overflows (e.g. 1e30 entries in float32) are rescaled by 2^-e in a
@@ -244,14 +286,14 @@ def _pairwise_sq_distances(x_PxD: jax.Array) -> jax.Array:
   neighbour). Honest pairs are unaffected by huge rows: G_ij only reads rows i and j.
   """
   p = x_PxD.shape[0]
-  finite_P = contract.finite_rows(x_PxD)
-  d2_PxP, norms_P = _gram_sq_distances(x_PxD)
+  finite_P = slices.finite_rows(x_PxD)
+  d2_PxP, norms_P = _gram_sq_distances(x_PxD, slices)
   overflow_P = finite_P & jnp.isinf(norms_P)
   exponent = jnp.finfo(x_PxD.dtype).maxexp * 3 // 4
 
   def rescaled():
     u_P = jnp.where(overflow_P, 2.0**exponent, 1.0).astype(x_PxD.dtype)
-    return _gram_sq_distances(x_PxD, u_P)[0]
+    return _gram_sq_distances(x_PxD, slices, u_P)[0]
 
   d2_PxP = jax.lax.cond(jnp.any(overflow_P), rescaled, lambda: d2_PxP)
   valid_PxP = finite_P[:, None] & finite_P[None, :] & ~jnp.eye(p, dtype=bool)
@@ -281,7 +323,12 @@ def krum_scores(x_PxD: ArrayLike, num_adversaries: int) -> jax.Array:
   x_PxD = jnp.asarray(x_PxD)
   p = x_PxD.shape[0]
   _require("krum", p >= 2 * num_adversaries + 3, "P >= 2S+3", p, num_adversaries)
-  return _neighbour_scores(_pairwise_sq_distances(x_PxD), p - num_adversaries - 2)
+  return _krum_scores(x_PxD, num_adversaries, _WHOLE)
+
+
+def _krum_scores(x_PxD: jax.Array, num_adversaries: int, slices: _Slices) -> jax.Array:
+  p = x_PxD.shape[0]
+  return _neighbour_scores(_pairwise_sq_distances(x_PxD, slices), p - num_adversaries - 2)
 
 
 def _selection_mask(index_M: jax.Array, num_workers: int) -> jax.Array:
@@ -298,28 +345,28 @@ def _average_of_rows(x_PxD: jax.Array, index_M: jax.Array) -> jax.Array:
 # Rules. Each factory validates at construction and returns a contract combiner.
 
 
-def _mean(num_workers: int, num_adversaries: int) -> contract.Combiner:
+def _mean(num_workers: int, num_adversaries: int) -> _Rule:
   """Plain mean (1/P) Σ_k y_k; no defence (draco-math §6). Non-finite rows make ok False."""
   p, _ = _counts("mean", num_workers, num_adversaries)
 
-  def rule(x_PxD):
+  def rule(x_PxD, slices):
     mean_D = contract.rows_dot(jnp.full((p,), 1.0 / p), x_PxD)
-    return mean_D, ~contract.finite_rows(x_PxD), 0
+    return mean_D, ~slices.finite_rows(x_PxD), 0
 
-  return _combiner("mean", p, rule)
+  return rule
 
 
-def _coordinate_median_rule(num_workers: int, num_adversaries: int) -> contract.Combiner:
+def _coordinate_median_rule(num_workers: int, num_adversaries: int) -> _Rule:
   """Coordinate-wise median, NaN as +Inf; even P averages the two middle values (§6)."""
-  p, _ = _counts("coordinate_median", num_workers, num_adversaries)
+  _counts("coordinate_median", num_workers, num_adversaries)
 
-  def rule(x_PxD):
-    return _coordinate_median(x_PxD), ~contract.finite_rows(x_PxD), 0
+  def rule(x_PxD, slices):
+    return _coordinate_median(x_PxD), ~slices.finite_rows(x_PxD), 0
 
-  return _combiner("coordinate_median", p, rule)
+  return rule
 
 
-def _trimmed_mean(num_workers: int, num_adversaries: int) -> contract.Combiner:
+def _trimmed_mean(num_workers: int, num_adversaries: int) -> _Rule:
   """Coordinate-wise trimmed mean (§6).
 
   Per coordinate: sort (NaN as +Inf), drop the f largest and f smallest, average the other
@@ -329,22 +376,22 @@ def _trimmed_mean(num_workers: int, num_adversaries: int) -> contract.Combiner:
   _require("trimmed_mean", p > 2 * s, "P > 2S", p, s)
   kept = p - 2 * s
 
-  def rule(x_PxD):
+  def rule(x_PxD, slices):
     sorted_PxD = _sort_rows(_nan_to_inf(x_PxD))
     mean_D = contract.rows_dot(jnp.full((kept,), 1.0 / kept), sorted_PxD[s : p - s])
-    return mean_D, ~contract.finite_rows(x_PxD), 0
+    return mean_D, ~slices.finite_rows(x_PxD), 0
 
-  return _combiner("trimmed_mean", p, rule)
+  return rule
 
 
-def _weiszfeld_step(x0_PxD, finite_P, y_D, eps):
+def _weiszfeld_step(x0_PxD, finite_P, y_D, eps, slices):
   """One Weiszfeld step with the Vardi-Zhang correction; returns (y⁺, every point at y)."""
-  d_P = jnp.where(finite_P, _distances(x0_PxD, y_D), jnp.inf)
+  d_P = jnp.where(finite_P, _distances(x0_PxD, y_D, slices), jnp.inf)
   w_P = jnp.where(d_P > eps, 1.0 / d_P, 0.0)  # 1/Inf = 0: rows at +Inf never pull.
   eta = jnp.sum(finite_P & (d_P <= eps)).astype(y_D.dtype)
   total_w = jnp.sum(w_P)
   t_D = contract.rows_dot(w_P, x0_PxD) / total_w
-  r = _norm(t_D - y_D) * total_w
+  r = _norm(t_D - y_D, slices) * total_w
   ratio = jnp.where(r > eps, eta / r, 0.0)  # y⁺ = T when r <= eps.
   corrected_D = jnp.maximum(0.0, 1.0 - ratio) * t_D + jnp.minimum(1.0, ratio) * y_D
   coincide = total_w == 0
@@ -360,7 +407,7 @@ def _geometric_median(
   tol: float | None = None,
   max_iters: int = 1000,
   eps: float = 1e-8,
-) -> contract.Combiner:
+) -> _Rule:
   """Geometric median argmin_y Σ_k ‖x_k − y‖ by Weiszfeld with the Vardi-Zhang correction.
 
   draco-math §6, following hdmedians (Vardi & Zhang, PNAS 2000). Non-finite rows are excluded.
@@ -379,7 +426,7 @@ def _geometric_median(
     eps: distance under which a point counts as coinciding with y (default 1e-8).
   """
   rule_name = "geometric_median"
-  p, _ = _counts(rule_name, num_workers, num_adversaries)
+  _counts(rule_name, num_workers, num_adversaries)
   if init not in ("mean", "median"):
     raise ValueError(f"{rule_name}: init must be 'mean' or 'median'; got {init!r}")
   if tol is not None:
@@ -388,8 +435,8 @@ def _geometric_median(
   if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
     raise ValueError(f"{rule_name}: eps must be a number >= 0; got {eps!r}")
 
-  def rule(x_PxD):
-    finite_P = contract.finite_rows(x_PxD)
+  def rule(x_PxD, slices):
+    finite_P = slices.finite_rows(x_PxD)
     x0_PxD = jnp.where(finite_P[:, None], x_PxD, 0)
     if init == "mean":
       y0_D = _finite_mean(x0_PxD, finite_P)
@@ -399,20 +446,20 @@ def _geometric_median(
 
     def body(state):
       y_D, it, _ = state
-      y_next_D, coincide = _weiszfeld_step(x0_PxD, finite_P, y_D, eps)
-      step = _norm(y_next_D - y_D)
-      small = step <= stop_tol * jnp.maximum(1.0, _norm(y_D))
-      done = coincide | small | ~jnp.all(jnp.isfinite(y_next_D))
+      y_next_D, coincide = _weiszfeld_step(x0_PxD, finite_P, y_D, eps, slices)
+      step = _norm(y_next_D - y_D, slices)
+      small = step <= stop_tol * jnp.maximum(1.0, _norm(y_D, slices))
+      done = coincide | small | ~slices.all_finite(y_next_D)
       return y_next_D, it + 1, done
 
-    state = (y0_D, jnp.int32(0), ~jnp.all(jnp.isfinite(y0_D)))
+    state = (y0_D, jnp.int32(0), ~slices.all_finite(y0_D))
     y_D, iterations, _ = jax.lax.while_loop(lambda s: ~s[2] & (s[1] < max_iters), body, state)
     return y_D, ~finite_P, iterations
 
-  return _combiner(rule_name, p, rule)
+  return rule
 
 
-def _krum(num_workers: int, num_adversaries: int) -> contract.Combiner:
+def _krum(num_workers: int, num_adversaries: int) -> _Rule:
   """Krum (Blanchard et al., NeurIPS 2017): the row with the smallest :func:`krum_scores`.
 
   Needs P >= 2f + 3. Ties go to the lower index. Flagged: every row but the selected one.
@@ -420,16 +467,14 @@ def _krum(num_workers: int, num_adversaries: int) -> contract.Combiner:
   p, s = _counts("krum", num_workers, num_adversaries)
   _require("krum", p >= 2 * s + 3, "P >= 2S+3", p, s)
 
-  def rule(x_PxD):
-    winner = jnp.argmin(krum_scores(x_PxD, s))
+  def rule(x_PxD, slices):
+    winner = jnp.argmin(_krum_scores(x_PxD, s, slices))
     return x_PxD[winner], jnp.arange(p) != winner, 0
 
-  return _combiner("krum", p, rule)
+  return rule
 
 
-def _multi_krum(
-  num_workers: int, num_adversaries: int, *, m: int | None = None
-) -> contract.Combiner:
+def _multi_krum(num_workers: int, num_adversaries: int, *, m: int | None = None) -> _Rule:
   """Multi-Krum: the mean of the m rows with the lowest Krum scores (draco-math §6).
 
   This project's convention is m = P − f (other codebases use P − f − 2 or 1); m = 1 is Krum.
@@ -441,11 +486,11 @@ def _multi_krum(
   if m > p:
     raise ValueError(f"multi_krum: m must be <= P = {p}; got m={m}")
 
-  def rule(x_PxD):
-    index_M = jnp.argsort(krum_scores(x_PxD, s), stable=True)[:m]
+  def rule(x_PxD, slices):
+    index_M = jnp.argsort(_krum_scores(x_PxD, s, slices), stable=True)[:m]
     return _average_of_rows(x_PxD, index_M), ~_selection_mask(index_M, p), 0
 
-  return _combiner("multi_krum", p, rule)
+  return rule
 
 
 def _iterated_krum(d2_PxP: jax.Array, num_adversaries: int, rounds: int) -> jax.Array:
@@ -487,7 +532,7 @@ def _closest_to_median_mean(selected_TxD: jax.Array, beta: int) -> jax.Array:
   return contract.rows_dot(jnp.full((beta,), 1.0 / beta), window_BxD)
 
 
-def _bulyan(num_workers: int, num_adversaries: int) -> contract.Combiner:
+def _bulyan(num_workers: int, num_adversaries: int) -> _Rule:
   """Bulyan (El Mhamdi, Guerraoui & Rouault, ICML 2018), original form (draco-math §6).
 
   1. Select T = P − 2f rows by iterated Krum (:func:`krum_scores` on the remaining rows with
@@ -500,17 +545,17 @@ def _bulyan(num_workers: int, num_adversaries: int) -> contract.Combiner:
   _require("bulyan", p >= 4 * s + 3, "P >= 4S+3", p, s)
   rounds, beta = p - 2 * s, p - 4 * s
 
-  def rule(x_PxD):
-    chosen_T = _iterated_krum(_pairwise_sq_distances(x_PxD), s, rounds)
+  def rule(x_PxD, slices):
+    chosen_T = _iterated_krum(_pairwise_sq_distances(x_PxD, slices), s, rounds)
     mean_D = _closest_to_median_mean(x_PxD[chosen_T], beta)
     return mean_D, ~_selection_mask(chosen_T, p), 0
 
-  return _combiner("bulyan", p, rule)
+  return rule
 
 
 def _centered_clipping(
   num_workers: int, num_adversaries: int, *, tau: float = 10.0, iters: int = 3
-) -> contract.Combiner:
+) -> _Rule:
   """Centered clipping (Karimireddy, He & Jaggi, ICML 2021), stateless variant (§6).
 
   v_0 = coordinate-wise median (NaN as +Inf); v_{l+1} = v_l + (1/P) Σ_i clip(x_i − v_l) with
@@ -525,12 +570,12 @@ def _centered_clipping(
   tau = _positive(rule_name, "tau", tau)
   iters = _count(rule_name, "iters", iters, 0)
 
-  def rule(x_PxD):
-    finite_P = contract.finite_rows(x_PxD)
+  def rule(x_PxD, slices):
+    finite_P = slices.finite_rows(x_PxD)
     x0_PxD = jnp.where(finite_P[:, None], x_PxD, 0)
 
     def body(_, v_D):
-      d_P = jnp.where(finite_P, _distances(x0_PxD, v_D), jnp.inf)
+      d_P = jnp.where(finite_P, _distances(x0_PxD, v_D, slices), jnp.inf)
       c_P = jnp.where(finite_P, jnp.minimum(1.0, tau / d_P), 0.0)  # d = 0 gives τ/0 = Inf.
       # Σ c_i (x_i − v) without materialising x − v.
       return v_D + (contract.rows_dot(c_P, x0_PxD) - jnp.sum(c_P) * v_D) / p
@@ -538,13 +583,15 @@ def _centered_clipping(
     v_D = jax.lax.fori_loop(0, iters, body, _coordinate_median(x_PxD))
     return v_D, ~finite_P, iters
 
-  return _combiner(rule_name, p, rule)
+  return rule
 
 
 # ----------------------------------------------------------------------------------------------
 # Registry.
 
-AGGREGATORS: dict[str, Callable[..., contract.Combiner]] = {
+# Rule factories: (num_workers, num_adversaries, **options) -> rule; make_aggregator wraps a rule
+# into a combiner.
+AGGREGATORS: dict[str, Callable[..., _Rule]] = {
   "mean": _mean,
   "coordinate_median": _coordinate_median_rule,
   "trimmed_mean": _trimmed_mean,
@@ -554,6 +601,15 @@ AGGREGATORS: dict[str, Callable[..., contract.Combiner]] = {
   "bulyan": _bulyan,
   "centered_clipping": _centered_clipping,
 }
+
+
+def _rule(name: str, num_workers, num_adversaries, options: dict) -> tuple[_Rule, int]:
+  """(the validated rule, P); raises ValueError for an unknown name or option or a bad value."""
+  if name not in AGGREGATORS:
+    raise ValueError(f"unknown aggregator {name!r}; valid aggregators: {', '.join(AGGREGATORS)}")
+  factory = AGGREGATORS[name]
+  contract.check_options(f"aggregator {name!r}", factory, options)
+  return factory(num_workers, num_adversaries, **options), operator.index(num_workers)
 
 
 def make_aggregator(
@@ -576,8 +632,29 @@ def make_aggregator(
     ValueError: unknown name or option, S < 0, or P below the rule's bound (Krum and
       Multi-Krum P >= 2S+3, Bulyan P >= 4S+3, trimmed mean P > 2S).
   """
-  if name not in AGGREGATORS:
-    raise ValueError(f"unknown aggregator {name!r}; valid aggregators: {', '.join(AGGREGATORS)}")
-  factory = AGGREGATORS[name]
-  contract.check_options(f"aggregator {name!r}", factory, options)
-  return factory(num_workers, num_adversaries, **options)
+  rule, p = _rule(name, num_workers, num_adversaries, options)
+  return _combiner(name, p, rule)
+
+
+def make_sliced_aggregator(
+  name: str, num_workers: int, num_adversaries: int, *, axis_name: str, **options
+) -> contract.Combiner:
+  """The aggregator ``name`` on column slices, to be called inside ``jax.shard_map``.
+
+  Each device of mesh axis ``axis_name`` passes ``slice_PxW``: all P rows, restricted to its own
+  W columns (the slices of the devices, in axis order, tile the D columns; zero columns may pad
+  them). It gets back its W columns of the mean the whole-row aggregator would return, and the
+  same Report on every device: reductions over D (finiteness, norms, distances, Gram matrices)
+  are psum'd partial results, so selections and stopping tests agree across devices. Results
+  equal :func:`make_aggregator`'s up to the order of floating-point summation.
+
+  Args:
+    name, num_workers, num_adversaries, **options: as for :func:`make_aggregator`.
+    axis_name: the mesh axis over which the columns are split.
+
+  Returns:
+    ``(slice_PxW, key) -> (mean_W, Report)``; ``mean_W`` is all zeros on every device when
+    ``report.ok`` is False.
+  """
+  rule, p = _rule(name, num_workers, num_adversaries, options)
+  return _combiner(name, p, rule, _Slices(axis_name))

@@ -26,6 +26,7 @@ __all__ = [
   "OPTIMIZERS",
   "DATA_ATTACKS",
   "DECODER",
+  "COMBINE_SHARDINGS",
   "DEFAULT_MODEL_OPTIONS",
   "make_optimizer",
   "validate",
@@ -35,6 +36,10 @@ __all__ = [
 DECODER = "draco"
 # Attacks that poison the adversarial workers' data instead of their messages.
 DATA_ATTACKS = ("label_flip",)
+# Where the server's work runs: every device combines all gathered messages ("replicated"), or
+# the messages stay sharded and each device combines a column slice ("sharded", see
+# draco_jax/sharded.py).
+COMBINE_SHARDINGS = ("replicated", "sharded")
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
   "sgd": optax.sgd,
@@ -88,6 +93,9 @@ class TrainConfig:
     resume: continue from the latest checkpoint in the workdir.
     num_stragglers: e, non-adversarial workers whose message is missing each step.
     num_devices: devices on the worker mesh (0 = all, or the most that divide P).
+    combine_sharding: a value in :data:`COMBINE_SHARDINGS`: gather all P messages onto every
+      device and combine them there, or keep them sharded and spread the combiner over the
+      devices (each holds a D/N column slice of every message; ``draco_jax.sharded``).
     model_options: keyword options of the model factory (None: :data:`DEFAULT_MODEL_OPTIONS`).
     attack_options: keyword options of the attack factory.
     combiner_options: keyword options of the decoder or aggregator factory.
@@ -115,6 +123,7 @@ class TrainConfig:
   resume: bool = False
   num_stragglers: int = 0
   num_devices: int = 0
+  combine_sharding: str = "replicated"
   model_options: dict[str, Any] | None = None
   attack_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   combiner_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -179,6 +188,11 @@ def _check_names(config: TrainConfig) -> None:
   _check_name("model", config.model, models.MODELS)
   _check_name("dataset", config.dataset, data.DATASETS)
   _check_name("optimizer", config.optimizer, OPTIMIZERS)
+  if config.combine_sharding not in COMBINE_SHARDINGS:
+    raise ValueError(
+      f"combine_sharding must be one of {', '.join(COMBINE_SHARDINGS)}; "
+      f"got {config.combine_sharding!r}"
+    )
   if config.is_coded and config.aggregator != DECODER:
     raise ValueError(
       f"code {config.code!r} is decoded by {DECODER!r}; got aggregator {config.aggregator!r} "

@@ -13,9 +13,10 @@ so they cost about as much as a plain sum; everything else works on P-sized arra
 
 Randomness. The projection must be fresh and secret (§5.4): ``key`` is the combiner's own key.
 Drawing a dense D x C Gaussian matrix costs more than the whole decode on CPU, so the projection
-is Kronecker-structured: D = m1·m2 and f = a ⊗ c with a ~ N(0, I_m1), c ~ N(0, I_m2). For a fixed
-nonzero error e (an m1 x m2 matrix E), f·e = aᵀ E c is a nonzero polynomial in (a, c), so it
-vanishes with probability 0 and the locate/certify arguments of §4 carry over.
+is Kronecker-structured: D = m1·m2, m2 = n1·n2 and f = a ⊗ c1 ⊗ c2 with independent N(0, I)
+factors. For a fixed nonzero error e (an m1 x n1 x n2 tensor E), f·e = Σ a_i c1_j c2_l E_ijl is
+a nonzero multilinear polynomial of the Gaussian factors, so it vanishes with probability 0 and
+the locate/certify arguments of §4 carry over.
 
 Precision. The O(P·D) passes run in the message dtype at matmul precision HIGHEST. The
 P-sized steps (syndromes, locators, fits, weights) run in float64/complex128 by enabling 64-bit
@@ -51,6 +52,9 @@ _CYCLIC_TOL = {4: 5e-6, 8: 1e-14}
 _COLUMNS = 4
 # Refuse answers whose estimated rounding error exceeds this, relative (see _cyclic_parts).
 _NOISE_LIMIT = 1e-4
+# Refuse answers that errors just below the certificate's tolerance could move by more than
+# this, relative (see _decode_small). Within the exact region of the tests it stays below 1e-3.
+_RESOLUTION_LIMIT = 1e-2
 
 
 # --------------------------------------------------------------------------- projection
@@ -63,6 +67,26 @@ def _kron_factors(d: int) -> tuple[int, int, int]:
       return d // m2, m2, d
   padded = -(-d // 1024) * 1024
   return padded // 1024, 1024, padded
+
+
+def _split_inner(m2: int) -> tuple[int, int]:
+  """(n1, n2) with n1·n2 = m2 and n1 the largest divisor <= sqrt(m2)."""
+  n1 = max(q for q in range(1, int(np.sqrt(m2)) + 1) if m2 % q == 0)
+  return n1, m2 // n1
+
+
+def _gaussian_factors(key, m1_total: int, m2: int, num_columns: int, dtype):
+  """a [m1_total, C] and c [m2, C] with c = c1 ⊗ c2 column by column, from ONE draw.
+
+  Drawing the D·C entries of a dense F costs more than the whole decode on CPU (threefry, about
+  30 ns a number), so F = a ⊗ c1 ⊗ c2 needs only (m1 + n1 + n2)·C numbers. E[c cᵀ] = I still
+  holds, so t = Y_block·c keeps the variance ‖Y_block‖² that sets the noise scale.
+  """
+  n1, n2 = _split_inner(m2)
+  z = jax.random.normal(key, (m1_total + n1 + n2, num_columns), dtype)
+  a_M1xC, c1_N1xC, c2_N2xC = z[:m1_total], z[m1_total : m1_total + n1], z[m1_total + n1 :]
+  c_M2xC = (c1_N1xC[:, None, :] * c2_N2xC[None, :, :]).reshape(m2, num_columns)
+  return a_M1xC, c_M2xC
 
 
 def project(
@@ -94,10 +118,8 @@ def project(
   p, d = received_PxD.shape
   m1, m2, padded = _kron_factors(d)
   real = jnp.finfo(received_PxD.dtype).dtype
-  key_a, key_c = jax.random.split(key)
-  a_M1xC = jax.random.normal(key_a, (num_shards * m1, num_columns), real)
+  a_M1xC, c_M2xC = _gaussian_factors(key, num_shards * m1, m2, num_columns, real)
   a_M1xC = jax.lax.dynamic_slice_in_dim(a_M1xC, shard_index * m1, m1)
-  c_M2xC = jax.random.normal(key_c, (m2, num_columns), real)
   y = received_PxD if padded == d else jnp.pad(received_PxD, ((0, 0), (0, padded - d)))
   t_PxM1xC = jnp.matmul(y.reshape(p * m1, m2), c_M2xC.astype(y.dtype), precision=_HIGHEST)
   t_PxM1xC = t_PxM1xC.reshape(p, m1, num_columns)
@@ -312,13 +334,15 @@ def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
 
 
 def _weights(c: _Cyclic, agree_P):
-  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows.
+  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows,
+  and the rows' leverages h_k = ‖Q_k‖² in the fit on the agreeing rows.
 
   With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
   """
   q, r, full_rank = _masked_qr(c, agree_P)
   coeffs = jax.scipy.linalg.solve_triangular(r.T, jnp.asarray(c.target, r.dtype), lower=True)
-  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0)
+  leverage = jnp.sum(jnp.abs(q) ** 2, axis=1)
+  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0), leverage
 
 
 def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
@@ -350,9 +374,16 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
 
   carry = jax.lax.fori_loop(0, c.s, peel, (erased, *candidate(erased)))
   _, _, agree, ok = carry
-  weights = _weights(c, agree)
-  noise = jnp.sum(jnp.abs(weights) * jnp.where(erased, 0, norms))
-  return agree, ok, weights, noise
+  weights, leverage = _weights(c, agree)
+  mass = jnp.abs(weights) * jnp.where(erased, 0, norms)
+  # Two error bounds, each as a multiple of the rounding unit (the caller multiplies by it):
+  # rounding, u·Σ|b_k|·‖Y_k‖; and resolution, the output error that errors just below the
+  # certificate's tolerance could cause: a row with leverage h_k passes with an error up to
+  # tau·scale/sqrt(1 − h_k), so rows that no other row checks (h_k → 1, at the edges of a wide
+  # contiguous gap) can hide anything (draco-math §5.1, measured at P = 64, S = 16: 3e-2).
+  unchecked = jnp.abs(weights) / jnp.sqrt(jnp.maximum(1.0 - leverage, 1e-24))
+  resolution = tau * scale * jnp.sum(jnp.where(erased, 0, unchecked))
+  return agree, ok, weights, jnp.sum(mass), resolution
 
 
 def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
@@ -370,9 +401,12 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
      rounds.
   5. Weights b: minimum-norm b with bᵀB[agree] = ℓᵀB, zero on dropped rows; the mean is
      Re(bᵀY)/K in the message dtype. A certified answer is the unique decoding (§4).
-  6. Conditioning gate: the rounding error of the combination is at most about
+  6. Conditioning gates: the rounding error of the combination is at most about
      u·Σ_k |b_k|·‖Y_k‖; when that exceeds 1e-4·‖Σ_k b_k Y_k‖ (contiguous adversaries at large
-     P force weights that extrapolate across the gap, §5.1) the answer is refused.
+     P force weights that extrapolate across the gap, §5.1) the answer is refused. Likewise
+     when tol·Σ_k |b_k|·‖Y_k‖/sqrt(1 − h_k) (h_k: leverage of row k in the final fit), the
+     error that rows passing the certificate just under its tolerance could cause, exceeds
+     1e-2·‖Σ_k b_k Y_k‖.
 
   Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
   well-conditioned variant specified in shared/docs/draco-math.md.
@@ -384,9 +418,13 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
     gain = np.sqrt(code.redundancy) * max(1.0, code.amp) if scaled else 1.0
     tau = _tolerance(_CYCLIC_TOL, dtype, tol) * gain
     with jax.enable_x64(True):
-      agree, ok, weights, noise = _decode_small(consts, y_PxC, sqnorm_P, tau)
+      agree, ok, weights, rounding, resolution = _decode_small(consts, y_PxC, sqnorm_P, tau)
       weights = weights.astype(dtype)
-      noise = (noise * float(jnp.finfo(dtype).eps)).astype(jnp.float32)
+      # One number for the gate noise <= _NOISE_LIMIT·‖output‖: rounding against 1e-4,
+      # resolution against _RESOLUTION_LIMIT.
+      noise = jnp.maximum(
+        rounding * float(jnp.finfo(dtype).eps), resolution * (_NOISE_LIMIT / _RESOLUTION_LIMIT)
+      ).astype(jnp.float32)
     erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
     return weights, erased, contract.make_report(~agree, ok), noise
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -22,6 +23,7 @@ __all__ = [
   "make_worker_mesh",
   "workers_per_device",
   "replicated",
+  "put_replicated",
   "map_workers",
 ]
 
@@ -32,9 +34,13 @@ def select_devices(num_devices: int = 0, num_workers: int | None = None) -> list
   """The first ``num_devices`` devices of ``jax.devices()``.
 
   ``num_devices = 0`` takes them all, or, given ``num_workers``, the most that divide it
-  (e.g. 5 of 8 devices for P = 15), so that the default always builds a mesh.
+  (e.g. 5 of 8 devices for P = 15), so that the default always builds a mesh. In a
+  multi-process run the mesh holds every device of every process, so ``num_devices`` is 0
+  (or that total) and the total must divide ``num_workers``.
   """
   available = jax.devices()
+  if jax.process_count() > 1:
+    return _all_processes_devices(available, num_devices, num_workers)
   if num_devices < 0 or num_devices > len(available):
     raise ValueError(
       f"num_devices must be in 0..{len(available)} (0 = all {len(available)} available "
@@ -45,6 +51,22 @@ def select_devices(num_devices: int = 0, num_workers: int | None = None) -> list
     if num_workers:
       num_devices = max(n for n in range(1, num_devices + 1) if num_workers % n == 0)
   return list(available[:num_devices])
+
+
+def _all_processes_devices(available, num_devices, num_workers):
+  """Every device of every process: a multi-process run leaves no process off the mesh."""
+  n, processes = len(available), jax.process_count()
+  if num_devices not in (0, n):
+    raise ValueError(
+      f"a run of {processes} processes puts all {n} devices on the mesh: num_devices must be "
+      f"0 or {n}; got {num_devices}"
+    )
+  if num_workers and num_workers % n:
+    raise ValueError(
+      f"a run of {processes} processes puts all {n} devices on the mesh, so {n} must divide "
+      f"the number of workers; got P={num_workers}"
+    )
+  return list(available)
 
 
 def make_worker_mesh(num_workers: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -74,6 +96,23 @@ def workers_per_device(mesh: Mesh, num_workers: int) -> int:
 def replicated(mesh: Mesh) -> NamedSharding:
   """The sharding of a value every device holds in full (params, optimizer state, keys)."""
   return NamedSharding(mesh, P())
+
+
+def put_replicated(tree, mesh: Mesh):
+  """Places a host value, held identically by every process, in full on every mesh device.
+
+  Works across processes (``jax.make_array_from_process_local_data``: every process passes
+  the whole value, no cross-process check); PRNG key leaves keep their implementation.
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+      data = put(jax.random.key_data(x))
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(put, tree)
 
 
 def map_workers(

@@ -14,7 +14,8 @@ One step (:func:`make_train_step`):
    drawn on the host from (seed, step), so a resumed run reads the same batches.
 2. Workers (``mesh.map_workers``: shard_map across devices, vmap within one): worker k computes
    the R partition gradients ``code.support[k]`` (labels flipped for a data attack), flattens
-   them and sends ``Σ_t coef[k, t] · g[support[k, t]]``. Every device then holds all P messages.
+   them and sends ``Σ_t coef[k, t] · g[support[k, t]]``. Every device then holds all P messages
+   (with ``combine_sharding="sharded"``: a D/N column slice of each, see :mod:`draco_jax.sharded`).
 3. Server: the attack rewrites the adversarial rows, stragglers' rows become NaN, the combiner
    (the DRACO decoder or a baseline aggregator on the uncoded scheme) returns the mean gradient
    and a report, and optax updates the parameters unless ``report.ok`` is False.
@@ -40,11 +41,13 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.flatten_util import ravel_pytree
 from tqdm.auto import tqdm
 
-from draco_jax import aggregators, attacks, coding, contract, data, decode, models
+from draco_jax import aggregators, attacks, coding, contract, data, decode, distributed, models
 from draco_jax import mesh as mesh_lib
+from draco_jax import sharded as sharded_lib
 from draco_jax.config import (
   DATA_ATTACKS,
   TrainConfig,
@@ -215,17 +218,20 @@ class Trainer:
   base_key: jax.Array
 
   def init_state(self) -> TrainState:
-    """The initial state, replicated on the mesh."""
+    """The initial state, replicated on the mesh (of every process)."""
     state = TrainState(
       step=jnp.zeros((), jnp.int32),
       params=self.init_params,
       opt_state=self.tx.init(self.init_params),
       skipped=jnp.zeros((), jnp.int32),
     )
-    return jax.device_put(state, mesh_lib.replicated(self.mesh))
+    return mesh_lib.put_replicated(state, self.mesh)
 
   def step_inputs(self, step: int, attack: int = 0) -> tuple[Batch, jax.Array]:
-    """The batch and the key of step ``step`` (0-based), placed on the mesh."""
+    """The batch and the key of step ``step`` (0-based), placed on the mesh.
+
+    Every process draws the same batch from (seed, step) and passes all of it.
+    """
     x, y = data.partition_batch(
       self.train_ds,
       num_partitions=self.config.num_workers,
@@ -233,9 +239,9 @@ class Trainer:
       seed=self.config.seed,
       step=step,
     )
-    batch = Batch(jnp.asarray(x), jnp.asarray(y, jnp.int32), jnp.asarray(attack, jnp.int32))
+    batch = Batch(x, np.asarray(y, np.int32), np.asarray(attack, np.int32))
     key = jax.random.fold_in(self.base_key, step)
-    return jax.device_put((batch, key), mesh_lib.replicated(self.mesh))
+    return mesh_lib.put_replicated((batch, key), self.mesh)
 
 
 def _with_options(kind: str, factory: Callable, *args, **options):
@@ -288,12 +294,15 @@ def _make_model(config: TrainConfig, train_ds: data.Dataset) -> tuple[Callable, 
   return (lambda p, x_NxHxWxC: nnx.merge(graphdef, p)(x_NxHxWxC)), params
 
 
-def _worker_functions(apply_fn: Callable, num_classes: int, mesh: jax.sharding.Mesh):
+def _worker_functions(
+  apply_fn: Callable, num_classes: int, mesh: jax.sharding.Mesh, gather: bool = True
+):
   """The per-worker computations, mapped over all P workers of the mesh.
 
   Returns:
     gradients(params, support_PxR, poison_P, x, y) -> grads_PxRxD (sharded over workers);
-    encode(coef_PxR, grads_PxRxD) -> sent_PxD (on every device);
+    encode(coef_PxR, grads_PxRxD) -> sent_PxD (on every device, or sharded over workers
+      when ``gather`` is False);
     messages(params, support_PxR, coef_PxR, poison_P, x, y) -> sent_PxD, both fused;
     stats(params, x_KxBxHxWxC, y_KxB) -> (loss_K, accuracy_K, grads_KxD), one per partition.
   """
@@ -301,17 +310,66 @@ def _worker_functions(apply_fn: Callable, num_classes: int, mesh: jax.sharding.M
   gradients = mesh_lib.map_workers(
     grad_one, mesh, per_worker_args=(False, True, True, False, False)
   )
-  encode = mesh_lib.map_workers(_worker_encode, mesh, per_worker_args=(True, True), gather=True)
+  encode = mesh_lib.map_workers(_worker_encode, mesh, per_worker_args=(True, True), gather=gather)
   messages = mesh_lib.map_workers(
     lambda p, s, c, poison, x, y: _worker_encode(c, grad_one(p, s, poison, x, y)),
     mesh,
     per_worker_args=(False, True, True, True, False, False),
-    gather=True,
+    gather=gather,
   )
   stats = mesh_lib.map_workers(
     functools.partial(_partition_stats, apply_fn), mesh, per_worker_args=(False, True, True)
   )
   return gradients, encode, messages, stats
+
+
+def _replicated_combine(config: TrainConfig, code: coding.Code, mesh, attack_fns) -> Callable:
+  """combine(key, sent_PxD, mask_P, straggle_P, attack_index) on messages every device holds."""
+  combiner = _make_combiner(config, code)
+
+  def combine(key, sent_PxD, mask_P, straggle_P, attack_index):
+    keys = split_step_key(key)
+    received_PxD = _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
+    return combiner(received_PxD, keys.combine)
+
+  return combine
+
+
+def _sharded_combine(config: TrainConfig, code: coding.Code, mesh, attack_fns) -> Callable:
+  """combine(...) on messages sharded over workers, the server's work spread over the devices.
+
+  Each device turns its workers' messages into a [P, D/N] column slice of all P messages
+  (all_to_all, :mod:`draco_jax.sharded`); the attack and the stragglers then rewrite each
+  device's slice, with the attack key folded with the device's index: coordinate-wise attacks
+  (reverse_gradient, constant, sign_flip, alie, ipm) send exactly what they send in a
+  replicated step, while random payloads (gaussian, nan, huge, ...) are other draws and
+  ``small`` scales its noise by each slice's rms. Padding columns are zeroed again, the sliced
+  combiner runs, and the mean is all-gathered; the Report is the same on every device.
+  """
+  n = mesh.shape[mesh_lib.WORKER_AXIS]
+  kind, aggregator = ("decoder", None) if config.is_coded else ("aggregator", config.aggregator)
+  combine_slices = _with_options(
+    kind,
+    sharded_lib.make_slice_combiner,
+    code,
+    n,
+    aggregator=aggregator,
+    **config.combiner_options,
+  )
+
+  def local(key, rows_pxD, mask_P, straggle_P, attack_index):
+    keys = split_step_key(key)
+    slice_PxW = sharded_lib.to_slices(rows_pxD, n)
+    attack_key = jax.random.fold_in(keys.attack, jax.lax.axis_index(mesh_lib.WORKER_AXIS))
+    received_PxW = _corrupt(attack_fns, attack_key, slice_PxW, mask_P, straggle_P, attack_index)
+    received_PxW = sharded_lib.clear_padding(received_PxW, rows_pxD.shape[1])
+    mean_W, report = combine_slices(received_PxW, keys.combine)
+    return sharded_lib.gather_slices(mean_W, rows_pxD.shape[1]), report
+
+  spec, whole = jax.sharding.PartitionSpec(mesh_lib.WORKER_AXIS), jax.sharding.PartitionSpec()
+  return jax.shard_map(
+    local, mesh=mesh, in_specs=(whole, spec, whole, whole, whole), out_specs=(whole, whole)
+  )
 
 
 def make_train_step(
@@ -346,24 +404,22 @@ def make_train_step(
   names = tuple(attack_names or (config.attack,))
   attack_fns = _make_attack_fns(config, code, names)
   is_data_attack = jnp.asarray([name in DATA_ATTACKS for name in names])
-  combiner = _make_combiner(config, code)
+  sharded = config.combine_sharding == "sharded"
+  combine = (_sharded_combine if sharded else _replicated_combine)(config, code, mesh, attack_fns)
   placement = attacks.make_placement(config.placement, code.num_workers, config.num_adversaries)
   unravel = ravel_pytree(params)[1]
   support_PxR = jnp.asarray(code.support)
   coef_PxR = jnp.asarray(code.coef, coding.message_dtype(code, jnp.float32))
 
-  gradients, encode, messages, stats = _worker_functions(apply_fn, num_classes, mesh)
+  gradients, encode, messages, stats = _worker_functions(
+    apply_fn, num_classes, mesh, gather=not sharded
+  )
 
   def clean(params, x_KxBxHxWxC, y_KxB):
     """Loss, accuracy and the mean gradient over the K partitions, on the true labels."""
     loss_K, acc_K, grads_KxD = stats(params, x_KxBxHxWxC, y_KxB)
     w_K = jnp.full(loss_K.shape, 1.0 / code.num_workers)
     return w_K @ loss_K, w_K @ acc_K, contract.rows_dot(w_K, grads_KxD)
-
-  def combine(key, sent_PxD, mask_P, straggle_P, attack_index):
-    keys = split_step_key(key)
-    received_PxD = _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
-    return combiner(received_PxD, keys.combine)
 
   def masks(key, step, attack_index):
     keys = split_step_key(key)
@@ -454,7 +510,8 @@ def evaluate(trainer: Trainer, params) -> float:
   """Test-set accuracy."""
   correct = 0
   for x, y, mask in data.eval_batches(trainer.test_ds, _EVAL_BATCH):
-    correct += int(trainer.eval_fn(params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask)))
+    batch = mesh_lib.put_replicated((x, y, mask), trainer.mesh)
+    correct += int(trainer.eval_fn(params, *batch))
   return correct / trainer.test_ds.num_examples
 
 
@@ -519,6 +576,11 @@ class _Summary:
     }
 
 
+def _key_data(trainer: Trainer) -> np.ndarray:
+  """The run's key as host data: the same value on every process, saved once by orbax."""
+  return np.asarray(jax.random.key_data(trainer.base_key))
+
+
 class _Workdir:
   """Metrics lines, TensorBoard, config.json and orbax checkpoints of one run directory.
 
@@ -571,7 +633,7 @@ class _Workdir:
     latest = self.checkpoints.latest_step()
     if latest is None:
       return state, 0
-    target = {"state": state._asdict(), "rng": jax.random.key_data(trainer.base_key)}
+    target = {"state": state._asdict(), "rng": _key_data(trainer)}
     restored = self.checkpoints.restore(latest, args=ocp.args.StandardRestore(target))
     if not np.array_equal(restored["rng"], target["rng"]):
       raise ValueError(f"checkpoint in {self.path} was made with another seed")
@@ -580,7 +642,7 @@ class _Workdir:
     return state, latest
 
   def save(self, trainer: Trainer, state: TrainState, step: int) -> None:
-    tree = {"state": state._asdict(), "rng": jax.random.key_data(trainer.base_key)}
+    tree = {"state": state._asdict(), "rng": _key_data(trainer)}
     self.checkpoints.save(step, args=ocp.args.StandardSave(tree))
 
   def log(self, record: dict[str, Any]) -> None:
@@ -673,6 +735,8 @@ def _fit(trainer: Trainer, workdir: _Workdir) -> dict[str, Any]:
     "wall_time_s": wall,
     "steps_per_second": summary.steps / max(wall, 1e-9),
     "timing_ms": timing,
+    "devices": trainer.mesh.size,
+    "processes": jax.process_count(),
     "workdir": workdir.path,
   }
   workdir.close(results)
@@ -716,6 +780,7 @@ def _print_summary(results: dict[str, Any]) -> None:
         f"wall time                {results['wall_time_s']:.1f} s "
         f"({results['steps_per_second']:.1f} steps/s)",
         f"phase timing (ms)        {timing}",
+        f"devices                  {results['devices']} in {results['processes']} process(es)",
         f"workdir                  {results['workdir']}",
       ]
     )
@@ -752,6 +817,11 @@ _FLAGS = {
     flags.DEFINE_integer,
     "Devices on the mesh (0 = all, or the most that divide P).",
   ),
+  "combine_sharding": (
+    flags.DEFINE_string,
+    "replicated: gather all messages onto every device; sharded: each device combines a "
+    "D/N column slice of every message (bytes received per device: ~P·D/N + D, not ~P·D).",
+  ),
 }
 for _name, (_define, _help) in _FLAGS.items():
   _define(_name, getattr(_DEFAULT, _name), _help)
@@ -763,6 +833,28 @@ _OPTION_FLAGS = {
 for _name, _help in _OPTION_FLAGS.items():
   flags.DEFINE_string(_name, None, _help)
 flags.DEFINE_string("workdir", None, "Run directory (default: ./workdir/run-<date>-<time>).")
+_ENV = distributed.ENV_VARS
+flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "Multi-process runs: host:port of process 0's coordinator "
+  f"(default: ${_ENV['coordinator_address']}).",
+)
+flags.DEFINE_integer(
+  "num_processes",
+  None,
+  f"Processes in the run (default: ${_ENV['num_processes']}, else 1); {distributed.AUTO} detects "
+  "the unset settings from the cluster (SLURM, Open MPI, Cloud TPU, Kubernetes).",
+)
+flags.DEFINE_integer(
+  "process_id", None, f"This process, 0..num_processes-1 (default: ${_ENV['process_id']})."
+)
+flags.DEFINE_string(
+  "local_device_ids",
+  None,
+  f"Comma-separated local devices this process uses (default: ${_ENV['local_device_ids']}, "
+  "else all, or one per process under SLURM / Open MPI detection).",
+)
 FLAGS = flags.FLAGS
 
 
@@ -789,7 +881,10 @@ def _config_from_flags() -> TrainConfig:
 
 
 def _default_workdir() -> str:
-  return os.path.join("workdir", time.strftime("run-%Y%m%d-%H%M%S"))
+  stamp = int(time.time())
+  if jax.process_count() > 1:  # every process must name the same directory
+    stamp = int(multihost_utils.broadcast_one_to_all(np.int32(stamp)))
+  return os.path.join("workdir", time.strftime("run-%Y%m%d-%H%M%S", time.localtime(stamp)))
 
 
 def main(argv: Sequence[str]) -> None:
@@ -798,6 +893,11 @@ def main(argv: Sequence[str]) -> None:
   if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   try:
+    distributed.initialize(  # before anything touches a device
+      distributed.resolve_settings(
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.local_device_ids
+      )
+    )
     config = _config_from_flags()
     if config.resume and not FLAGS.workdir:
       raise ValueError("--resume needs the --workdir of the run to continue")

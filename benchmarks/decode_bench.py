@@ -12,13 +12,12 @@ nearest P with a divisor 3 (9, 15, 33, 63) with S = 1; the cyclic code uses S = 
 Usage:
   python -m benchmarks.decode_bench                      # the README table (several minutes)
   python -m benchmarks.decode_bench --quick              # P in {8, 16}, D = 2^16
-  python -m benchmarks.decode_bench --aggregators=all    # add every baseline aggregator
+  python -m benchmarks.decode_bench --aggregators=all    # add every (jitted) baseline aggregator
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import jax
@@ -26,18 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from draco_jax import coding, decode
+from experiments.combine_timing import floor_ms, median_ms
 
 _FRC_P = {8: 9, 16: 15, 32: 33, 64: 63}
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+def _timed(fn, *args, repeats: int) -> float:
+  return median_ms(fn, *args, repeats=repeats, budget_s=3.0)
 
 
 def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
@@ -47,14 +41,6 @@ def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
   bad = rng.choice(code.num_workers, code.num_adversaries, replace=False)
   sent_PxD[bad] *= -100.0
   return jnp.asarray(sent_PxD)
-
-
-def _floor_ms(x_PxD: jax.Array, repeats: int) -> float:
-  x_np = np.asarray(x_PxD)
-  ones = jax.jit(lambda x: jnp.ones(x.shape[0], x.dtype) @ x)
-  return min(
-    _median_ms(lambda: np.sum(x_np, 0), repeats=repeats), _median_ms(ones, x_PxD, repeats=repeats)
-  )
 
 
 def _aggregators(names, p: int, s: int):
@@ -79,13 +65,13 @@ def run(ps, ds, aggregator_names, repeats: int):
     for d in ds:
       cyclic = coding.make_code("cyclic", p, s)
       x_PxD = _received(cyclic, d, seed=p + d)
-      floor = _floor_ms(x_PxD, repeats)
-      cyc_ms = _median_ms(decode.make_decoder(cyclic), x_PxD, key, repeats=repeats)
+      floor = floor_ms(x_PxD, repeats)
+      cyc_ms = _timed(decode.make_decoder(cyclic), x_PxD, key, repeats=repeats)
       row = {"P": p, "S": s, "D": d, "floor_ms": floor, "cyclic": cyc_ms / floor}
       frc = coding.make_code("repetition", _FRC_P[p], 1)
       x_frc = _received(frc, d, seed=p * d)
-      frc_floor = _floor_ms(x_frc, repeats)
-      frc_ms = _median_ms(decode.make_decoder(frc), x_frc, key, repeats=repeats)
+      frc_floor = floor_ms(x_frc, repeats)
+      frc_ms = _timed(decode.make_decoder(frc), x_frc, key, repeats=repeats)
       row["repetition"] = frc_ms / frc_floor
       row["repetition_P"] = _FRC_P[p]
       for name, agg in _aggregators(aggregator_names, p, s).items():
@@ -93,7 +79,7 @@ def run(ps, ds, aggregator_names, repeats: int):
           row[name] = None
           continue
         x_unc = _received(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
-        ms = _median_ms(agg, x_unc, key, repeats=repeats)
+        ms = _timed(agg, x_unc, key, repeats=repeats)
         row[name] = ms / floor
         row[name + "_vs_cyclic"] = ms / cyc_ms
       rows.append(row)
@@ -112,8 +98,8 @@ def _format_row(row, names) -> str:
   ]
   for name in names:
     value = row.get(name)
-    cells.append("  n/a" if value is None else f"{value:7.1f} ({row[name + '_vs_cyclic']:.1f}x)")
-  return " | ".join(cells)
+    cells.append("n/a" if value is None else f"{value:.1f} ({row[name + '_vs_cyclic']:.1f}x)")
+  return "| " + " | ".join(cells) + " |"
 
 
 def main():
@@ -133,7 +119,8 @@ def main():
   ps, ds = ((8, 16), (2**16,)) if args.quick else ((8, 16, 32, 64), (2**16, 2**20))
   header = ["P", "S", "D", "floor ms", "cyclic", "repetition"] + [f"{n} (vs cyclic)" for n in names]
   print("ratios = median time / plain-sum floor (faster of np.sum(x,0) and jnp.ones(P)@x)")
-  print(" | ".join(header))
+  print("| " + " | ".join(header) + " |")
+  print("|" + "---|" * len(header))
   run(ps, ds, names, args.repeats)
 
 

@@ -626,14 +626,14 @@ def make_aggregator(
       ``multi_krum``: m; ``centered_clipping``: tau, iters).
 
   Returns:
-    A pure, jit-compatible combiner ``(received_PxD, key) -> (mean_D, Report)``.
+    A pure, jitted combiner ``(received_PxD, key) -> (mean_D, Report)``.
 
   Raises:
     ValueError: unknown name or option, S < 0, or P below the rule's bound (Krum and
       Multi-Krum P >= 2S+3, Bulyan P >= 4S+3, trimmed mean P > 2S).
   """
   rule, p = _rule(name, num_workers, num_adversaries, options)
-  return _combiner(name, p, rule)
+  return jax.jit(_combiner(name, p, rule))
 
 
 def make_sliced_aggregator(

@@ -155,10 +155,13 @@ class DecoderParts(NamedTuple):
     solve: ``solve(y_PxC, sqnorm_P, message_dtype) -> (weights_P, erased_P, report, noise)``;
       pure, P-sized; the weights are zero on every row that is not combined; ``noise`` bounds
       the rounding error of Σ_k w_k Y_k.
+    num_selected: if set, at most this many weights are nonzero (the repetition vote picks one
+      row per group), so the combination reads only those rows.
   """
 
   num_columns: int
   solve: Callable
+  num_selected: int | None = None
 
 
 # --------------------------------------------------------------------------- repetition
@@ -201,7 +204,7 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
     report = contract.make_report(~agree_GxR.reshape(p), ok)
     return weights_P, erased_P, report, jnp.zeros((), jnp.float32)
 
-  return DecoderParts(_COLUMNS, solve)
+  return DecoderParts(_COLUMNS, solve, num_selected=groups)
 
 
 # --------------------------------------------------------------------------- cyclic
@@ -289,27 +292,42 @@ def _fit(c: _Cyclic, y_PxM, mask_P):
   return jnp.asarray(c.basis) @ coeffs, leverage, full_rank
 
 
-def _agreement(c: _Cyclic, yc_PxM, scale, erased_P, mask_P, tau):
-  """Rows within tau·scale of the codeword fitted on mask, with a per-row threshold.
+def _fit_operator(c: _Cyclic, mask_P):
+  """G [P, P] with G·y = the least-squares codeword through the masked rows of y (zero
+  columns off the mask), and whether the fit has full rank."""
+  q, r, full_rank = _masked_qr(c, mask_P)
+  solved_LxP = jax.scipy.linalg.solve_triangular(r, jnp.conj(q).T, lower=False)
+  return jnp.asarray(c.basis) @ solved_LxP, full_rank
 
-  A kept row k pulls the fit towards itself: its residual is (1 − h_k) times its error, h_k
-  being its leverage. So kept rows are judged by the leave-one-out residual r_k / (1 − h_k),
-  whose rounding noise is 1/sqrt(1 − h_k) times larger, against tau·scale/sqrt(1 − h_k).
+
+def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
+  """Rows whose residual from the codeword fitted on mask is within tau of its noise.
+
+  The residual r = (I − G)·y of row k carries the rounding noise of every row the fit uses:
+  noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
+  towards itself; the diagonal 1 − h_k accounts for it). The threshold is
+  tau·min(noise_k, scale·sqrt(1 − h_k)) with scale the median row norm: the common scale
+  alone lets rows much smaller than the median (even-P codes) hide errors of 1e-3 of their
+  norm, and noise_k alone grows without bound where the fit extrapolates (wide contiguous
+  gaps at large P), so each bounds the other. A row cannot buy a looser threshold by growing
+  its norm: the threshold grows by tol·‖δ‖, its residual by about |f·δ| ≫ tol·‖δ‖.
   """
-  fit, leverage, full_rank = _fit(c, yc_PxM, mask_P)
-  resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fit) ** 2, axis=1))
-  slack = jnp.maximum(1.0 - leverage, 1e-12)
-  close = jnp.where(mask_P, resid / jnp.sqrt(slack), resid) <= tau * scale
-  return ~erased_P & close & full_rank
+  g_PxP, full_rank = _fit_operator(c, mask_P)
+  resid_PxM = yc_PxM - g_PxP @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(g_PxP.dtype)
+  resid = jnp.sqrt(jnp.mean(jnp.abs(resid_PxM) ** 2, axis=1))
+  m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
+  noise = jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
+  common = scale * jnp.sqrt(jnp.clip(jnp.abs(jnp.diagonal(m_PxP)), 1e-12, 1.0))
+  return ~erased_P & (resid <= tau * jnp.minimum(noise, common)) & full_rank
 
 
-def _certify(c: _Cyclic, yc_PxM, scale, erased_P, keep_P, tau, max_refits=3):
+def _certify(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tau, max_refits=3):
   """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing."""
-  agree = _agreement(c, yc_PxM, scale, erased_P, keep_P, tau)
+  agree = _agreement(c, yc_PxM, norms_P, scale, erased_P, keep_P, tau)
 
   def refit(carry):
     prev, _, i = carry
-    return prev, _agreement(c, yc_PxM, scale, erased_P, prev, tau), i + 1
+    return prev, _agreement(c, yc_PxM, norms_P, scale, erased_P, prev, tau), i + 1
 
   def changing(carry):
     prev, cur, i = carry
@@ -345,7 +363,7 @@ def _weights(c: _Cyclic, agree_P):
   return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0), leverage
 
 
-def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
+def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
   """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P])."""
   real = not np.iscomplexobj(c.basis)
   y_PxC = y_PxC.astype(jnp.float64 if real else jnp.complex128)
@@ -359,7 +377,7 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
 
   def candidate(erased_cur):
     keep = _locate(c, y, erased_cur)
-    agree, ok = _certify(c, yc, scale, erased, keep, tau)
+    agree, ok = _certify(c, yc, jnp.where(erased, 0, norms), scale, erased, keep, tau)
     return keep, agree, ok
 
   def peel(_, carry):
@@ -376,13 +394,13 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau):
   _, _, agree, ok = carry
   weights, leverage = _weights(c, agree)
   mass = jnp.abs(weights) * jnp.where(erased, 0, norms)
-  # Two error bounds, each as a multiple of the rounding unit (the caller multiplies by it):
-  # rounding, u·Σ|b_k|·‖Y_k‖; and resolution, the output error that errors just below the
-  # certificate's tolerance could cause: a row with leverage h_k passes with an error up to
-  # tau·scale/sqrt(1 − h_k), so rows that no other row checks (h_k → 1, at the edges of a wide
-  # contiguous gap) can hide anything (draco-math §5.1, measured at P = 64, S = 16: 3e-2).
+  # Two error bounds: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and resolution, the
+  # output error that errors just below the certificate's tolerance could cause: a row with
+  # leverage h_k passes with an error up to tau·scale/sqrt(1 − h_k), so rows that no other row
+  # checks (h_k → 1, at the edges of a wide contiguous gap) can hide anything (measured at
+  # P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the mean by 3e-2).
   unchecked = jnp.abs(weights) / jnp.sqrt(jnp.maximum(1.0 - leverage, 1e-24))
-  resolution = tau * scale * jnp.sum(jnp.where(erased, 0, unchecked))
+  resolution = tau_resolution * scale * jnp.sum(jnp.where(erased, 0, unchecked))
   return agree, ok, weights, jnp.sum(mass), resolution
 
 
@@ -418,7 +436,10 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
     gain = np.sqrt(code.redundancy) * max(1.0, code.amp) if scaled else 1.0
     tau = _tolerance(_CYCLIC_TOL, dtype, tol) * gain
     with jax.enable_x64(True):
-      agree, ok, weights, rounding, resolution = _decode_small(consts, y_PxC, sqnorm_P, tau)
+      # The paper code's rounding gain already inflates its weights b: not counted twice.
+      agree, ok, weights, rounding, resolution = _decode_small(
+        consts, y_PxC, sqnorm_P, tau, tau / max(1.0, code.amp)
+      )
       weights = weights.astype(dtype)
       # One number for the gate noise <= _NOISE_LIMIT·‖output‖: rounding against 1e-4,
       # resolution against _RESOLUTION_LIMIT.
@@ -471,7 +492,11 @@ def make_decoder(code: Code, **options):
     contract.check_received(received_PxD, p)
     y_PxC, sqnorm_P = project(received_PxD, key, parts.num_columns)
     weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_P, received_PxD.dtype)
-    total_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P))
+    if parts.num_selected is None:
+      total_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P))
+    else:  # read only the selected rows (a fully erased group is refused by the vote)
+      rows_G = jnp.nonzero(weights_P, size=parts.num_selected, fill_value=0)[0]
+      total_D = contract.rows_dot(weights_P[rows_G], received_PxD[rows_G])
     report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * jnp.linalg.norm(total_D)))
     return contract.zero_if_not_ok(total_D / p, report.ok), report
 

@@ -34,7 +34,17 @@ import numpy as np
 
 from draco_jax import aggregators, coding, decode
 
-__all__ = ["COMBINERS", "SWEEP", "QUICK_SWEEP", "make_combiner", "time_combiner", "sweep", "main"]
+__all__ = [
+  "COMBINERS",
+  "SWEEP",
+  "QUICK_SWEEP",
+  "make_combiner",
+  "median_ms",
+  "floor_ms",
+  "time_combiner",
+  "sweep",
+  "main",
+]
 
 # DRACO decoders (by code) and baseline aggregators (uncoded messages).
 COMBINERS = (
@@ -89,29 +99,33 @@ def _received(code_name: str, p: int, s: int, d: int, seed: int) -> jax.Array:
   return jnp.asarray(sent_PxD)
 
 
-def _median_ms(fn: Callable, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
+def median_ms(fn: Callable, *args, repeats: int, budget_s: float = float("inf")) -> float:
+  """Median milliseconds of ``repeats`` blocked calls after a warm-up call (which compiles).
+
+  Stops early, after at least 3 calls, once the calls have taken ``budget_s`` seconds.
+  """
+  jax.block_until_ready(fn(*args))
   times = []
-  for _ in range(repeats):
+  while len(times) < repeats and (len(times) < 3 or sum(times) < budget_s):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
   return 1e3 * float(np.median(times))
 
 
-def _floor_ms(x_PxD: jax.Array, repeats: int) -> float:
+def floor_ms(x_PxD: jax.Array, repeats: int) -> float:
   """The plain-sum floor: the faster of np.sum(x, 0) and a jitted ones(P) @ x."""
   x_np = np.asarray(x_PxD)
   ones = jax.jit(lambda x: jnp.ones(x.shape[0], x.dtype) @ x)
-  numpy_ms = _median_ms(lambda: np.sum(x_np, 0), repeats=repeats)
-  return min(numpy_ms, _median_ms(ones, x_PxD, repeats=repeats))
+  numpy_ms = median_ms(lambda: np.sum(x_np, 0), repeats=repeats)
+  return min(numpy_ms, median_ms(ones, x_PxD, repeats=repeats))
 
 
 def time_combiner(name: str, p: int, s: int, d: int, *, repeats: int = 5) -> dict:
   """One row: the median time of combiner ``name`` at (P, S, D), and the plain-sum floor."""
   x_PxD = _received(_code_name(name), p, s, d, seed=p * d + s)
-  ms = _median_ms(make_combiner(name, p, s), x_PxD, jax.random.key(0), repeats=repeats)
-  floor = _floor_ms(x_PxD, repeats)
+  ms = median_ms(make_combiner(name, p, s), x_PxD, jax.random.key(0), repeats=repeats)
+  floor = floor_ms(x_PxD, repeats)
   return {
     "combiner": name,
     "P": p,

@@ -61,16 +61,29 @@ _RESOLUTION_LIMIT = 1e-2
 
 
 def _kron_factors(d: int) -> tuple[int, int, int]:
-  """(m1, m2, padded D): D (padded if needed) = m1·m2 with m2 <= 2048 a large divisor."""
-  for m2 in range(min(d, 2048), 63, -1):
+  """(m1, m2, padded D): D (padded if needed) = m1·m2, m2 <= 2048 a large divisor.
+
+  m2 <= D/16 keeps m1 >= 16 blocks, so that the row-norm estimate Σ_i a_i² t_i² averages
+  over at least 16 terms (with m1 = 1 it is one product of Gaussians per column, and the
+  tolerances built on it wobble by factors of several from key to key).
+  """
+  top = min(2048, max(d // 16, 1))
+  for m2 in range(top, max(top // 16, 1) - 1, -1):
     if d % m2 == 0:
       return d // m2, m2, d
-  padded = -(-d // 1024) * 1024
-  return padded // 1024, 1024, padded
+  unit = min(1024, max(-(-d // 16), 1))
+  padded = -(-d // unit) * unit
+  return padded // unit, unit, padded
 
 
 def _split_inner(m2: int) -> tuple[int, int]:
-  """(n1, n2) with n1·n2 = m2 and n1 the largest divisor <= sqrt(m2)."""
+  """(n1, n2) with n1·n2 = m2 and n1 the largest divisor <= sqrt(m2); (1, m2) below 256.
+
+  Small factors weaken the projection (a product of few Gaussians is small more often than
+  one Gaussian), so c is drawn densely when it is short anyway.
+  """
+  if m2 < 256:
+    return 1, m2
   n1 = max(q for q in range(1, int(np.sqrt(m2)) + 1) if m2 % q == 0)
   return n1, m2 // n1
 
@@ -83,9 +96,11 @@ def _gaussian_factors(key, m1_total: int, m2: int, num_columns: int, dtype):
   holds, so t = Y_block·c keeps the variance ‖Y_block‖² that sets the noise scale.
   """
   n1, n2 = _split_inner(m2)
-  z = jax.random.normal(key, (m1_total + n1 + n2, num_columns), dtype)
-  a_M1xC, c1_N1xC, c2_N2xC = z[:m1_total], z[m1_total : m1_total + n1], z[m1_total + n1 :]
-  c_M2xC = (c1_N1xC[:, None, :] * c2_N2xC[None, :, :]).reshape(m2, num_columns)
+  z = jax.random.normal(key, (m1_total + (n1 > 1) * n1 + n2, num_columns), dtype)
+  a_M1xC, c_M2xC = z[:m1_total], z[m1_total:]
+  if n1 > 1:
+    c1_N1xC, c2_N2xC = c_M2xC[:n1], c_M2xC[n1:]
+    c_M2xC = (c1_N1xC[:, None, :] * c2_N2xC[None, :, :]).reshape(m2, num_columns)
   return a_M1xC, c_M2xC
 
 
@@ -111,9 +126,10 @@ def project(
     num_shards: the number of column slices.
 
   Returns:
-    (y_PxC in the message dtype, sqnorm_P): the projections and an estimate of each row's
-    projected variance (float32). The first stage computes t[k, i, c] = Y_k[i-th block]·c_c,
-    so y[k, c] = Σ_i a_ic t[k, i, c] and Σ_i a_ic² t² (≈ ‖Y_k‖² for large m1) sets its scale.
+    (y_PxC in the message dtype, sqnorm_PxC): the projections and an estimate of each
+    row's projected variance in each column (float32). The first stage computes
+    t[k, i, c] = Y_k[i-th block]·c_c, so y[k, c] = Σ_i a_ic t[k, i, c], and Σ_i a_ic² t²
+    (≈ ‖Y_k‖² for large m1) sets the scale of its rounding noise.
   """
   p, d = received_PxD.shape
   m1, m2, padded = _kron_factors(d)
@@ -126,8 +142,8 @@ def project(
   y_PxC = jnp.einsum("pic,ic->pc", t_PxM1xC, a_M1xC.astype(y.dtype), precision=_HIGHEST)
   # Σ_i a_i² t_i² is the variance of y given a: the scale of y's honest rounding noise.
   weighted = jnp.abs(t_PxM1xC) ** 2 * (a_M1xC**2)[None].astype(real)
-  sqnorm_P = jnp.mean(jnp.sum(weighted, axis=1), axis=1).astype(real)
-  return y_PxC, sqnorm_P
+  sqnorm_PxC = jnp.sum(weighted, axis=1).astype(real)
+  return y_PxC, sqnorm_PxC
 
 
 def _combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
@@ -152,7 +168,7 @@ class DecoderParts(NamedTuple):
 
   Attributes:
     num_columns: C, the projection columns ``solve`` needs.
-    solve: ``solve(y_PxC, sqnorm_P, message_dtype) -> (weights_P, erased_P, report, noise)``;
+    solve: ``solve(y_PxC, sqnorm_PxC, message_dtype) -> (weights_P, erased_P, report, noise)``;
       pure, P-sized; the weights are zero on every row that is not combined; ``noise`` bounds
       the rounding error of Σ_k w_k Y_k.
     num_selected: if set, at most this many weights are nonzero (the repetition vote picks one
@@ -179,25 +195,26 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
   """Majority vote of the fractional repetition code (draco-math §2).
 
   Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
-  fingerprints; a row agrees with it iff its fingerprints in all C secret directions are
-  within tol·‖chosen row‖ of the chosen row's. A group is ok iff its agreeing rows are a strict
-  majority of its received rows. Exact (the output is an honest copy) whenever
-  2·t_j + e_j <= 2S in every group.
+  fingerprints; a row agrees with it iff its fingerprint in each of the C secret directions
+  is within tol times the chosen row's projected scale in that direction (one scale for all
+  columns lets a column that happens to be large refuse honest copies 1e-7 apart). A group is
+  ok iff its agreeing rows are a strict majority of its received rows. Exact (the output is an
+  honest copy) whenever 2·t_j + e_j <= 2S in every group.
   """
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
-  def solve(v_PxC, sqnorm_P, dtype):
+  def solve(v_PxC, sqnorm_PxC, dtype):
     tau = _tolerance(_FRC_TOL, dtype, tol)
-    erased_P = ~(jnp.all(jnp.isfinite(v_PxC), axis=1) & jnp.isfinite(sqnorm_P))
+    erased_P = ~jnp.all(jnp.isfinite(v_PxC) & jnp.isfinite(sqnorm_PxC), axis=1)
     v_GxRxC = jnp.where(erased_P[:, None], 0, v_PxC).reshape(groups, r, -1)
     erased_GxR = erased_P.reshape(groups, r)
     chosen_G = _lower_median_rows(v_GxRxC[:, :, 0], erased_GxR)
     ref_GxC = jnp.take_along_axis(v_GxRxC, chosen_G[:, None, None], axis=1)[:, 0]
-    sqnorm_GxR = jnp.where(erased_P, 0, sqnorm_P).reshape(groups, r)
-    scale_G = jnp.sqrt(jnp.take_along_axis(sqnorm_GxR, chosen_G[:, None], axis=1)[:, 0])
-    gap_GxR = jnp.max(jnp.abs(v_GxRxC - ref_GxC[:, None, :]), axis=2)
-    agree_GxR = ~erased_GxR & (gap_GxR <= tau * scale_G[:, None])
+    sqnorm_GxRxC = jnp.where(erased_P[:, None], 0, sqnorm_PxC).reshape(groups, r, -1)
+    scale_GxC = jnp.sqrt(jnp.take_along_axis(sqnorm_GxRxC, chosen_G[:, None, None], axis=1)[:, 0])
+    gap_GxRxC = jnp.abs(v_GxRxC - ref_GxC[:, None, :])
+    agree_GxR = ~erased_GxR & jnp.all(gap_GxRxC <= tau * scale_GxC[:, None, :], axis=2)
     ok = jnp.all(2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1))
     rows_G = chosen_G + r * jnp.arange(groups)
     weights_P = jnp.zeros(p, dtype).at[rows_G].set(1.0)
@@ -432,7 +449,8 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   consts = _cyclic_constants(code)
   scaled = tol is None
 
-  def solve(y_PxC, sqnorm_P, dtype):
+  def solve(y_PxC, sqnorm_PxC, dtype):
+    sqnorm_P = jnp.mean(sqnorm_PxC, axis=1)
     gain = np.sqrt(code.redundancy) * max(1.0, code.amp) if scaled else 1.0
     tau = _tolerance(_CYCLIC_TOL, dtype, tol) * gain
     with jax.enable_x64(True):
@@ -490,8 +508,8 @@ def make_decoder(code: Code, **options):
 
   def decode(received_PxD, key):
     contract.check_received(received_PxD, p)
-    y_PxC, sqnorm_P = project(received_PxD, key, parts.num_columns)
-    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_P, received_PxD.dtype)
+    y_PxC, sqnorm_PxC = project(received_PxD, key, parts.num_columns)
+    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, received_PxD.dtype)
     if parts.num_selected is None:
       total_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P))
     else:  # read only the selected rows (a fully erased group is refused by the vote)

@@ -136,8 +136,8 @@ def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
       shard_index=jax.lax.axis_index(axis_name),
       num_shards=num_shards,
     )
-    y_PxC, sqnorm_P = jax.lax.psum(partial, axis_name)
-    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_P, slice_PxW.dtype)
+    y_PxC, sqnorm_PxC = jax.lax.psum(partial, axis_name)
+    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, slice_PxW.dtype)
     total_W = jnp.real(_combine_rows(weights_P, slice_PxW, erased_P))
     norm = jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(total_W)), axis_name))
     report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * norm))

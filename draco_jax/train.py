@@ -372,6 +372,27 @@ def _sharded_combine(config: TrainConfig, code: coding.Code, mesh, attack_fns) -
   )
 
 
+def _server_combine(config: TrainConfig, code: coding.Code, mesh) -> Callable:
+  """combine(key, received_PxD) -> (mean_D, report): the server's work alone, for timing.
+
+  The same combiner as the step's, replicated or sharded (an all_to_all of the received rows,
+  the sliced combiner, an all-gather of the mean), on messages the attack already rewrote.
+  """
+  if config.combine_sharding == "sharded":
+    aggregator = None if config.is_coded else config.aggregator
+    combiner = _with_options(
+      "combiner",
+      sharded_lib.make_mesh_combiner,
+      code,
+      mesh,
+      aggregator=aggregator,
+      **config.combiner_options,
+    )
+  else:
+    combiner = _make_combiner(config, code)
+  return lambda key, received_PxD: combiner(received_PxD, split_step_key(key).combine)
+
+
 def make_train_step(
   config: TrainConfig,
   code: coding.Code,
@@ -399,7 +420,9 @@ def make_train_step(
 
   Returns:
     (update_fn, phases): the step (not jitted) and its pieces, each a function to jit and time
-    on its own: ``gradients``, ``encode``, ``combine``, ``update`` and the ``clean`` diagnostic.
+    on its own: ``gradients``, ``encode``, ``attack`` (the adversaries' rewrite),
+    ``combine`` (the server's decode or aggregation alone), ``update`` and the ``clean``
+    diagnostic.
   """
   names = tuple(attack_names or (config.attack,))
   attack_fns = _make_attack_fns(config, code, names)
@@ -435,11 +458,17 @@ def make_train_step(
     new_state = _apply_update(tx, unravel, state, mean_D, report.ok)
     return new_state, _step_metrics(loss, acc, clean_D, mean_D, report, mask_P, straggle_P)
 
+  def attack(key, sent_PxD, mask_P, straggle_P, attack_index):
+    """What the server receives (timing only: the adversaries' work, not the server's)."""
+    keys = split_step_key(key)
+    return _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
+
   phases = {
     "masks": masks,
     "gradients": lambda params, poison_P, x, y: gradients(params, support_PxR, poison_P, x, y),
     "encode": lambda grads_PxRxD: encode(coef_PxR, grads_PxRxD),
-    "combine": combine,
+    "attack": attack,
+    "combine": _server_combine(config, code, mesh),
     "update": lambda state, mean_D, ok: _apply_update(tx, unravel, state, mean_D, ok),
     "clean": clean,
   }
@@ -533,9 +562,10 @@ def time_phases(trainer: Trainer, state: TrainState, step: int, repeats: int = 2
     (mask_P, straggle_P, poison_P), _ = _timed(ph["masks"], key, state.step, batch.attack)
     grads_PxRxD, ms["gradients"] = _timed(ph["gradients"], state.params, poison_P, batch.x, batch.y)
     sent_PxD, ms["encode"] = _timed(ph["encode"], grads_PxRxD)
-    (mean_D, report), ms["combine"] = _timed(
-      ph["combine"], key, sent_PxD, mask_P, straggle_P, batch.attack
+    received_PxD, ms["attack"] = _timed(
+      ph["attack"], key, sent_PxD, mask_P, straggle_P, batch.attack
     )
+    (mean_D, report), ms["combine"] = _timed(ph["combine"], key, received_PxD)
     _, ms["update"] = _timed(ph["update"], state, mean_D, report.ok)
     _, ms["clean"] = _timed(ph["clean"], state.params, batch.x, batch.y)
     _, ms["step"] = _timed(trainer.update_fn, state, batch, key)

@@ -332,8 +332,9 @@ def write_markdown(rows: Sequence[dict], path: str, *, command: str = "") -> lis
     "*Wall* = measured training-step time on this one host, where all simulated workers share "
     "the processors (DRACO computes R = 2S+1 partition gradients per worker). *Projected* = a "
     "cluster projection per step: the slowest worker's measured compute (R x one partition's "
-    "gradient time) + encode share + measured combine (attack + decode/aggregate) + update; no "
-    "communication. It is a projection, not a measurement.",
+    "gradient time) + encode share + measured combine (decode/aggregate of the received "
+    "messages; the attack is not counted) + update; no communication. It is a projection, "
+    "not a measurement.",
     "",
     f"## Headline: time to {target:.0%} test accuracy",
     "",

@@ -118,9 +118,10 @@ def test_sharded_aggregators_match_replicated_for_every_attack(p, s, d):
 
 
 def test_slice_projections_sum_to_the_whole_projection():
-  """With D = 2048·N the slices' Kronecker projections tile the replicated one exactly."""
+  """With D = 16·2048·N the slices' Kronecker projections tile the replicated one exactly
+  (slices and whole then share the inner factor m2 = 2048)."""
   n, c = 8, 4
-  x_PxD = jnp.asarray(np.random.default_rng(1).standard_normal((8, 2048 * n)), jnp.float32)
+  x_PxD = jnp.asarray(np.random.default_rng(1).standard_normal((8, 16 * 2048 * n)), jnp.float32)
   whole = decode.project(x_PxD, KEY, c)
   mesh = _mesh(8, n)
 

@@ -234,6 +234,7 @@ def test_default_run_reaches_accuracy(tmp_path):
   assert set(evals[-1]["timing_ms"]) == {
     "gradients",
     "encode",
+    "attack",
     "combine",
     "update",
     "clean",

@@ -287,9 +287,9 @@ def test_paper_code_random_placements_p16(name, p, s, group):
 # every attack incl. `tiny`); `tiny` sets most of the limits (see SUB_NOISE). Outside it a
 # decoder must refuse or stay within 1e-3, never silently worse.
 EXACT_MAX_S = {  # P: (random placements, contiguous placements)
-  31: (5, 2),
-  32: (4, 1),
-  63: (1, 1),
+  31: (15, 3),
+  32: (15, 3),
+  63: (2, 1),
   64: (1, 1),
 }
 _LARGE_DEFAULT = {(31, 3), (32, 8), (63, 4), (64, 16)}

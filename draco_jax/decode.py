@@ -35,7 +35,14 @@ import numpy as np
 from draco_jax import contract
 from draco_jax.coding import Code
 
-__all__ = ["make_decoder", "decoder_parts", "DecoderParts", "project", "DECODERS"]
+__all__ = [
+  "make_decoder",
+  "decoder_parts",
+  "DecoderParts",
+  "project",
+  "combine_rows",
+  "DECODERS",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -97,6 +104,9 @@ def _gaussian_factors(key, m1_total: int, m2: int, num_columns: int, dtype):
   """
   n1, n2 = _split_inner(m2)
   z = jax.random.normal(key, (m1_total + (n1 > 1) * n1 + n2, num_columns), dtype)
+  # Without the barrier XLA fuses the generator into its consumers and re-runs threefry for
+  # each of the m2·C entries of c (measured: 175 µs instead of 45 µs at D = 2^16 on CPU).
+  z = jax.lax.optimization_barrier(z)
   a_M1xC, c_M2xC = z[:m1_total], z[m1_total:]
   if n1 > 1:
     c1_N1xC, c2_N2xC = c_M2xC[:n1], c_M2xC[n1:]
@@ -146,7 +156,7 @@ def project(
   return y_PxC, sqnorm_PxC
 
 
-def _combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
+def combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
   """Σ_k w_k Y_k with w_k = 0 on erased rows; non-finite rows are zeroed (0·Inf = NaN)."""
   w_P = w_P.astype(received_PxD.dtype)
   return jax.lax.cond(
@@ -490,6 +500,20 @@ def decoder_parts(code: Code, **options) -> DecoderParts:
   return DECODERS[code.name](code, **options)
 
 
+def _sum_selected(w_P: jax.Array, received_PxD: jax.Array, num_selected: int) -> jax.Array:
+  """Σ_k w_k Y_k when at most ``num_selected`` weights are nonzero, reading only those rows.
+
+  One dynamic row slice per selected row, summed in one fusion: a gather of the rows would
+  be copied first, and a dot over all P rows reads R times more than needed.
+  """
+  rows_G = jnp.nonzero(w_P, size=num_selected, fill_value=0)[0]
+  w_G = w_P[rows_G].astype(received_PxD.dtype)
+  total_D = jnp.zeros(received_PxD.shape[1], received_PxD.dtype)
+  for g in range(num_selected):
+    total_D = total_D + w_G[g] * jax.lax.dynamic_index_in_dim(received_PxD, rows_G[g], 0, False)
+  return total_D
+
+
 def make_decoder(code: Code, **options):
   """The DRACO decoder of ``code``: ``decoder(received_PxD, key) -> (mean_D, report)``.
 
@@ -511,10 +535,9 @@ def make_decoder(code: Code, **options):
     y_PxC, sqnorm_PxC = project(received_PxD, key, parts.num_columns)
     weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, received_PxD.dtype)
     if parts.num_selected is None:
-      total_D = jnp.real(_combine_rows(weights_P, received_PxD, erased_P))
+      total_D = jnp.real(combine_rows(weights_P, received_PxD, erased_P))
     else:  # read only the selected rows (a fully erased group is refused by the vote)
-      rows_G = jnp.nonzero(weights_P, size=parts.num_selected, fill_value=0)[0]
-      total_D = contract.rows_dot(weights_P[rows_G], received_PxD[rows_G])
+      total_D = _sum_selected(weights_P, received_PxD, parts.num_selected)
     report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * jnp.linalg.norm(total_D)))
     return contract.zero_if_not_ok(total_D / p, report.ok), report
 

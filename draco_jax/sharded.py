@@ -112,16 +112,6 @@ def gather_slices(mean_W: jax.Array, num_features: int, axis_name: str = WORKER_
   return jax.lax.all_gather(mean_W, axis_name, tiled=True, to="invarying")[:num_features]
 
 
-def _combine_rows(w_P: jax.Array, x_PxW: jax.Array, erased_P: jax.Array) -> jax.Array:
-  """Σ_k w_k x_k with erased rows replaced by zeros (never multiplied: 0·Inf = NaN)."""
-  w_P = w_P.astype(x_PxW.dtype)
-  return jax.lax.cond(
-    jnp.any(erased_P),
-    lambda: contract.rows_dot(w_P, jnp.where(erased_P[:, None], 0, x_PxW)),
-    lambda: contract.rows_dot(w_P, x_PxW),
-  )
-
-
 def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
   """The DRACO decoder of ``code`` on column slices (steps 2 of the module docstring)."""
   parts = decode.decoder_parts(code, **options)
@@ -138,7 +128,7 @@ def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
     )
     y_PxC, sqnorm_PxC = jax.lax.psum(partial, axis_name)
     weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, slice_PxW.dtype)
-    total_W = jnp.real(_combine_rows(weights_P, slice_PxW, erased_P))
+    total_W = jnp.real(decode.combine_rows(weights_P, slice_PxW, erased_P))
     norm = jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(total_W)), axis_name))
     report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * norm))
     return contract.zero_if_not_ok(total_W / p, report.ok), report

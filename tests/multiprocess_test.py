@@ -287,11 +287,12 @@ def test_two_processes_train_like_one(tmp_path, combine_sharding):
     ),
   ]
   log_prefix = str(tmp_path / "process")
+  # The single-process run on 8 devices first, so the 2 processes have the cores to themselves.
+  single = train.train_and_evaluate(
+    dataclasses.replace(CONFIG, num_devices=8, combine_sharding=combine_sharding),
+    str(tmp_path / "single"),
+  )
   with _processes(commands, log_prefix) as wait_all:
-    single = train.train_and_evaluate(  # meanwhile, the single-process run on 8 devices
-      dataclasses.replace(CONFIG, num_devices=8, combine_sharding=combine_sharding),
-      str(tmp_path / "single"),
-    )
     outs = wait_all()
 
   multi = _restore_params(os.path.join(workdir, "checkpoints"), CONFIG.steps, single["state"])
@@ -306,7 +307,9 @@ def test_two_processes_train_like_one(tmp_path, combine_sharding):
   assert results["flagged_fraction"] == 1.0 and results["skipped_steps"] == 0
 
   assert "== DRACO run summary ==" in outs[0] and "8 in 2 process(es)" in outs[0]
-  assert outs[1] == ""
+  # gloo's "[Gloo] Rank k is connected to ... peer ranks" lines can arrive split by other
+  # writes, so process 1's stdout is checked for our output, not for emptiness.
+  assert "DRACO run summary" not in outs[1] and "test accuracy" not in outs[1]
   assert "%|" in open(log_prefix + "0.err").read()  # the progress bar of process 0 ...
   assert "%|" not in open(log_prefix + "1.err").read()  # ... and of no other
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

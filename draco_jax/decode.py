@@ -311,12 +311,10 @@ def _masked_qr(c: _Cyclic, mask_P):
 
 
 def _fit(c: _Cyclic, y_PxM, mask_P):
-  """Least-squares codewords through the masked rows: fit [P, M], leverage [P], full rank."""
-  q, r, full_rank = _masked_qr(c, mask_P)
+  """The least-squares codewords [P, M] through the masked rows (meaningless if rank-deficient)."""
+  q, r, _ = _masked_qr(c, mask_P)
   rhs = jnp.conj(q).T @ jnp.where(mask_P[:, None], y_PxM, 0).astype(q.dtype)
-  coeffs = jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
-  leverage = jnp.sum(jnp.abs(q) ** 2, axis=1)
-  return jnp.asarray(c.basis) @ coeffs, leverage, full_rank
+  return jnp.asarray(c.basis) @ jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
 
 
 def _fit_operator(c: _Cyclic, mask_P):
@@ -369,7 +367,7 @@ def _certify(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tau, max_refi
 
 def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   """The non-erased row farthest from the codeword fitted on the kept rows (flagged first)."""
-  fit, _, _ = _fit(c, y_P[:, None], keep_P)
+  fit = _fit(c, y_P[:, None], keep_P)
   resid = jnp.abs(y_P - fit[:, 0])
   live = ~erased_P
   suspects = jnp.where(jnp.any(live & ~keep_P), live & ~keep_P, live)

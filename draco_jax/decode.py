@@ -49,11 +49,21 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # Relative agreement tolerances by message precision. Repetition copies are bit-identical in
 # simulation, so 1e-6 (float32) leaves room for reduction-order jitter on accelerators.
 _FRC_TOL = {4: 1e-6, 8: 1e-13}
-# Cyclic rows are different combinations of R gradients, each rounded on its own. Measured on
-# honest float32 messages (N(0,1) gradients, the worst case for cancellation, D = 128..4096,
-# P <= 32): residual/row norm <= 17·u·sqrt(R)·amp. The base tolerance keeps a ~5x margin and
-# is multiplied by sqrt(R)·max(1, amp).
-_CYCLIC_TOL = {4: 5e-6, 8: 1e-14}
+# Cyclic certificate tolerance, relative to each row's propagated rounding noise (see
+# _agreement), by message precision, at D <= 2^12. The honest residual is dominated by the
+# rounding of the float32 projection, which grows slowly with D: measured on honest messages
+# (float32-encoded, N(0,1) gradients, 8 keys, P = 8..32, every S class), the largest
+# residual/noise was 5u at D = 2^7, 8u at 2^12, 18u at 2^16, 25u at 2^20 and 34u at 2^22
+# (u = 2^-24), about u·D^(1/4), and independent of R and of the code's rounding gain. The
+# tolerance is 4u·D^(1/4) (32u at least), a margin of 4-6x over that maximum.
+_CYCLIC_TOL = {4: 32 * 2.0**-24, 8: 32 * 2.0**-53}
+# A second, common threshold per row: tol·(median row norm)·sqrt(1 − h_k), with tol = 5e-6
+# (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp). It holds honest rows with a margin
+# of ~5x (residual/row norm <= 17·u·sqrt(R)·amp measured, N(0,1) gradients, D = 128..4096,
+# P <= 32) and keeps rows the fit barely checks (h_k → 1) from absorbing gross errors: at a
+# wide contiguous gap (P = 64, S = 16) the fit extrapolates, and the noise threshold alone
+# let 5 rows of N(0,1) noise pass with a 7x error in the mean.
+_COMMON_TOL = {4: 5e-6, 8: 1e-14}
 # Projection columns: one locates, three certify (the repetition vote uses all four). A single
 # certificate column lets a bad row through with probability ~ tolerance / its error.
 _COLUMNS = 4
@@ -166,21 +176,26 @@ def combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -
   )
 
 
+def _bytes(dtype) -> int:
+  return jnp.finfo(dtype).bits // 8
+
+
 def _tolerance(table, dtype, tol) -> float:
-  return table[jnp.finfo(dtype).bits // 8] if tol is None else float(tol)
+  return table[_bytes(dtype)] if tol is None else float(tol)
 
 
 class DecoderParts(NamedTuple):
   """A decoder split at its two passes over the messages, so that they can be sharded.
 
   decode(Y, key) = Re(Σ_k w_k Y_k) / K with (w, erased, report, noise) =
-  solve(*project(Y, key, C), dtype), refused when noise > 1e-4·‖Σ_k w_k Y_k‖.
+  solve(*project(Y, key, C), dtype, D), refused when noise > 1e-4·‖Σ_k w_k Y_k‖.
 
   Attributes:
     num_columns: C, the projection columns ``solve`` needs.
-    solve: ``solve(y_PxC, sqnorm_PxC, message_dtype) -> (weights_P, erased_P, report, noise)``;
-      pure, P-sized; the weights are zero on every row that is not combined; ``noise`` bounds
-      the rounding error of Σ_k w_k Y_k.
+    solve: ``solve(y_PxC, sqnorm_PxC, message_dtype, num_features) -> (weights_P, erased_P,
+      report, noise)``; pure, P-sized (num_features, the D the projection summed over, sets
+      the tolerance for its rounding); the weights are zero on every row that is not
+      combined; ``noise`` bounds the rounding error of Σ_k w_k Y_k.
     num_selected: if set, at most this many weights are nonzero (the repetition vote picks one
       row per group), so the combination reads only those rows.
   """
@@ -214,7 +229,8 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
-  def solve(v_PxC, sqnorm_PxC, dtype):
+  def solve(v_PxC, sqnorm_PxC, dtype, num_features):
+    del num_features  # the vote's tolerance does not depend on D
     tau = _tolerance(_FRC_TOL, dtype, tol)
     erased_P = ~jnp.all(jnp.isfinite(v_PxC) & jnp.isfinite(sqnorm_PxC), axis=1)
     v_GxRxC = jnp.where(erased_P[:, None], 0, v_PxC).reshape(groups, r, -1)
@@ -271,23 +287,30 @@ def _erasure_locator(c: _Cyclic, erased_P):
   return jax.lax.fori_loop(0, c.p, body, g0)
 
 
-def _locate(c: _Cyclic, y_P, erased_P):
-  """Steps 3-6 of §4: flag the t = ⌊(2S−e)/2⌋ non-erased rows with the smallest |Λ(u_k)|."""
+def _locate(c: _Cyclic, y_PxC, erased_P):
+  """Steps 3-6 of §4: flag the t = ⌊(2S−e)/2⌋ non-erased rows with the smallest |Λ(u_k)|.
+
+  Every projection column gives its own syndromes and Hankel system for the same error
+  locator Λ (the error positions are shared, the values differ), so the systems are stacked
+  and solved together: an error that one column happens to see only faintly is located from
+  the others.
+  """
   s2 = 2 * c.s
   e = jnp.sum(erased_P)
   n = jnp.maximum(s2 - e, 0)
   t = n // 2
-  sigma = jnp.asarray(c.parity) @ jnp.where(erased_P, 0, y_P).astype(jnp.complex128)
+  y_PxC = jnp.where(erased_P[:, None], 0, y_PxC).astype(jnp.complex128)
+  sigma_JxC = jnp.asarray(c.parity) @ y_PxC
   gamma = _erasure_locator(c, erased_P)
   j, m = np.arange(s2)[:, None], np.arange(s2 + 1)[None, :]
-  sigma_pad = jnp.concatenate([sigma, jnp.zeros(s2 + 1, sigma.dtype)])
-  t_syn = jnp.sum(sigma_pad[j + m] * gamma[None, :], axis=1)  # modified syndromes T_j
-  t_pad = jnp.concatenate([t_syn, jnp.zeros(s2 + 1, t_syn.dtype)])
+  sigma_pad = jnp.concatenate([sigma_JxC, jnp.zeros((s2 + 1, sigma_JxC.shape[1]), sigma_JxC.dtype)])
+  t_syn = jnp.einsum("jmc,m->jc", sigma_pad[j + m], gamma)  # modified syndromes T_j per column
+  t_pad = jnp.concatenate([t_syn, jnp.zeros((s2 + 1, t_syn.shape[1]), t_syn.dtype)])
   rows, cols = np.arange(s2)[:, None], np.arange(c.s)[None, :]
   row_ok = rows < n - t
-  hankel = jnp.where(row_ok & (cols < t), t_pad[rows + cols], 0)
-  rhs = jnp.where(row_ok[:, 0], -t_pad[np.arange(s2) + t], 0)
-  lam = jnp.linalg.lstsq(hankel, rhs)[0]
+  hankel_CxJxS = jnp.where((row_ok & (cols < t))[None], t_pad[rows + cols].transpose(2, 0, 1), 0)
+  rhs_CxJ = jnp.where(row_ok[:, 0][None], -t_pad[np.arange(s2) + t].T, 0)
+  lam = jnp.linalg.lstsq(hankel_CxJxS.reshape(-1, c.s), rhs_CxJ.reshape(-1))[0]
   deg = np.arange(c.s + 1)
   lam_full = jnp.where(deg < t, jnp.concatenate([lam, jnp.zeros(1, lam.dtype)]), 0)
   lam_full = lam_full + (deg == t)
@@ -326,24 +349,34 @@ def _fit_operator(c: _Cyclic, mask_P):
 
 
 def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
-  """Rows whose residual from the codeword fitted on mask is within tau of its noise.
+  """Rows whose residual from the codeword fitted on mask is within the rounding they can
+  carry; ``tau`` = (noise tolerance, common tolerance).
 
   The residual r = (I − G)·y of row k carries the rounding noise of every row the fit uses:
   noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
-  towards itself; the diagonal 1 − h_k accounts for it). The threshold is
-  tau·min(noise_k, scale·sqrt(1 − h_k)) with scale the median row norm: the common scale
-  alone lets rows much smaller than the median (even-P codes) hide errors of 1e-3 of their
-  norm, and noise_k alone grows without bound where the fit extrapolates (wide contiguous
-  gaps at large P), so each bounds the other. A row cannot buy a looser threshold by growing
-  its norm: the threshold grows by tol·‖δ‖, its residual by about |f·δ| ≫ tol·‖δ‖.
+  towards itself; the diagonal 1 − h_k accounts for it). Honest residuals are about
+  u·noise_k, so tau_noise·noise_k separates what rounding can explain from what it cannot.
+  It is capped by tau_common·scale·sqrt(1 − h_k), scale the median row norm: where the fit
+  extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the rows
+  of the gap could absorb gross errors along the fit's nearly free directions. Errors below
+  the threshold are bounded afterwards by the resolution gate of _decode_small. A row cannot
+  buy a looser threshold by growing its norm: the threshold grows by tau·‖δ‖, its residual by
+  about |f·δ| ≫ tau·‖δ‖.
   """
+  tau_noise, tau_common = tau
   g_PxP, full_rank = _fit_operator(c, mask_P)
   resid_PxM = yc_PxM - g_PxP @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(g_PxP.dtype)
   resid = jnp.sqrt(jnp.mean(jnp.abs(resid_PxM) ** 2, axis=1))
   m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
-  noise = jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
+  noise = _propagated_noise(m_PxP, norms_P)
   common = scale * jnp.sqrt(jnp.clip(jnp.abs(jnp.diagonal(m_PxP)), 1e-12, 1.0))
-  return ~erased_P & (resid <= tau * jnp.minimum(noise, common)) & full_rank
+  threshold = jnp.minimum(tau_noise * noise, tau_common * common)
+  return ~erased_P & (resid <= threshold) & full_rank
+
+
+def _propagated_noise(m_PxP, norms_P):
+  """sqrt(Σ_j |M_kj|² n_j²): the rounding noise of row k of M·y, per unit of relative noise."""
+  return jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
 
 
 def _certify(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tau, max_refits=3):
@@ -376,20 +409,24 @@ def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
 
 
-def _weights(c: _Cyclic, agree_P):
-  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows,
-  and the rows' leverages h_k = ‖Q_k‖² in the fit on the agreeing rows.
+def _weights(c: _Cyclic, agree_P, norms_P):
+  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows;
+  and, in the fit on the agreeing rows, each row's leverage h_k and noise_k (see _agreement).
 
   With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
+  The fit on the agreeing rows is G = Q·Qᴴ there.
   """
   q, r, full_rank = _masked_qr(c, agree_P)
   coeffs = jax.scipy.linalg.solve_triangular(r.T, jnp.asarray(c.target, r.dtype), lower=True)
-  leverage = jnp.sum(jnp.abs(q) ** 2, axis=1)
-  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0), leverage
+  hat_PxP = q @ jnp.conj(q).T
+  leverage = jnp.real(jnp.diagonal(hat_PxP))
+  noise = _propagated_noise(jnp.eye(c.p, dtype=q.dtype) - hat_PxP, norms_P)
+  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0), leverage, noise
 
 
 def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
-  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P])."""
+  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P], rounding,
+  resolution); ``tau`` = (noise tolerance, common tolerance), see _agreement."""
   real = not np.iscomplexobj(c.basis)
   y_PxC = y_PxC.astype(jnp.float64 if real else jnp.complex128)
   erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
@@ -399,10 +436,11 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
   # an honest row's norm whenever honest rows are the majority (within the budget).
   norms = jnp.sqrt(jnp.where(erased, jnp.inf, sqnorm_P.astype(jnp.float64)))
   scale = jnp.sort(norms)[jnp.maximum(c.p - jnp.sum(erased) - 1, 0) // 2]
+  norms = jnp.where(erased, 0, norms)
 
   def candidate(erased_cur):
-    keep = _locate(c, y, erased_cur)
-    agree, ok = _certify(c, yc, jnp.where(erased, 0, norms), scale, erased, keep, tau)
+    keep = _locate(c, y_PxC, erased_cur)
+    agree, ok = _certify(c, yc, norms, scale, erased, keep, tau)
     return keep, agree, ok
 
   def peel(_, carry):
@@ -417,29 +455,34 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
 
   carry = jax.lax.fori_loop(0, c.s, peel, (erased, *candidate(erased)))
   _, _, agree, ok = carry
-  weights, leverage = _weights(c, agree)
-  mass = jnp.abs(weights) * jnp.where(erased, 0, norms)
-  # Two error bounds: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and resolution, the
-  # output error that errors just below the certificate's tolerance could cause: a row with
-  # leverage h_k passes with an error up to tau·scale/sqrt(1 − h_k), so rows that no other row
-  # checks (h_k → 1, at the edges of a wide contiguous gap) can hide anything (measured at
-  # P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the mean by 3e-2).
-  unchecked = jnp.abs(weights) / jnp.sqrt(jnp.maximum(1.0 - leverage, 1e-24))
-  resolution = tau_resolution * scale * jnp.sum(jnp.where(erased, 0, unchecked))
-  return agree, ok, weights, jnp.sum(mass), resolution
+  weights, leverage, noise = _weights(c, agree, norms)
+  # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and
+  # resolution, the error that rows passing the certificate just under their thresholds
+  # could cause. An error δ in row k leaves (1 − h_k)·δ in its own residual, so each row can
+  # hide up to min(tau_noise·noise_k / (1 − h_k), tau_resolution·scale / sqrt(1 − h_k)):
+  # rows that no other row checks (h_k → 1, at the edges of a wide contiguous gap) can hide
+  # anything (measured at P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the
+  # mean by 3e-2).
+  unchecked = jnp.maximum(1.0 - leverage, 1e-24)
+  hidden = jnp.minimum(tau[0] * noise / unchecked, tau_resolution * scale / jnp.sqrt(unchecked))
+  rounding = jnp.sum(jnp.abs(weights) * norms)
+  resolution = jnp.sum(jnp.abs(weights) * hidden)
+  return agree, ok, weights, rounding, resolution
 
 
 def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
 
-  1. Project Y on two fresh secret directions (locator y, certificate y_c) and estimate each
-     row's norm in the same pass; rows with a non-finite projection are erasures.
-  2. Syndromes of y on the 2S parity frequencies, erasure locator Γ, modified syndromes,
-     error locator Λ from a masked Hankel system (min-norm least squares), and the
-     t non-erased rows with the smallest |Λ(u_k)| flagged (scale-free, no threshold).
-  3. Certificate on y_c: fit a codeword to the kept rows; a row agrees iff its (leave-one-out
-     for kept rows) residual is <= tol·(median row norm); refit on the agreeing rows until
-     stable; ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
+  1. Project Y on C = 4 fresh secret directions and estimate each row's norm in the same
+     pass; rows with a non-finite projection are erasures.
+  2. Syndromes of every column on the 2S parity frequencies, erasure locator Γ, modified
+     syndromes, and the error locator Λ from the columns' masked Hankel systems stacked
+     (min-norm least squares); the t non-erased rows with the smallest |Λ(u_k)| are flagged
+     (scale-free, no threshold).
+  3. Certificate on columns 1..C-1: fit a codeword to the kept rows; a row agrees iff its
+     residual is within tol_noise times its propagated rounding noise, capped by
+     tol_common·(median row norm)·sqrt(1 − h_k) (see _agreement); refit on the agreeing rows
+     until stable; ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
   4. If not ok: peeling — move the worst flagged row to the erasures and redo 2-3, at most S
      rounds.
   5. Weights b: minimum-norm b with bᵀB[agree] = ℓᵀB, zero on dropped rows; the mean is
@@ -447,33 +490,41 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   6. Conditioning gates: the rounding error of the combination is at most about
      u·Σ_k |b_k|·‖Y_k‖; when that exceeds 1e-4·‖Σ_k b_k Y_k‖ (contiguous adversaries at large
      P force weights that extrapolate across the gap, §5.1) the answer is refused. Likewise
-     when tol·Σ_k |b_k|·‖Y_k‖/sqrt(1 − h_k) (h_k: leverage of row k in the final fit), the
-     error that rows passing the certificate just under its tolerance could cause, exceeds
+     when Σ_k |b_k|·(the error row k could hide under its threshold), exceeds
      1e-2·‖Σ_k b_k Y_k‖.
+
+  Tolerances (defaults): tol_noise = 32u·max(1, D/4096)^(1/4) with u the unit roundoff of
+  the messages; tol_common = 5e-6 (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp).
+  The paper code uses tol_common for both. A given ``tol`` is used for both, as is.
 
   Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
   well-conditioned variant specified in shared/docs/draco-math.md.
   """
   consts = _cyclic_constants(code)
-  scaled = tol is None
 
-  def solve(y_PxC, sqnorm_PxC, dtype):
+  def solve(y_PxC, sqnorm_PxC, dtype, num_features):
     sqnorm_P = jnp.mean(sqnorm_PxC, axis=1)
-    gain = np.sqrt(code.redundancy) * max(1.0, code.amp) if scaled else 1.0
-    tau = _tolerance(_CYCLIC_TOL, dtype, tol) * gain
+    if tol is None:
+      common = _tolerance(_COMMON_TOL, dtype, tol) * np.sqrt(code.redundancy) * max(1.0, code.amp)
+      # The paper code's messages cancel by up to its rounding gain: its noise tolerance is
+      # the common one. Centred codes: the projection's rounding grows like D^(1/4) (above).
+      growth = max(1.0, num_features / 4096) ** 0.25
+      noise = common if code.name == "cyclic_paper" else _CYCLIC_TOL[_bytes(dtype)] * growth
+    else:
+      noise = common = float(tol)
     with jax.enable_x64(True):
       # The paper code's rounding gain already inflates its weights b: not counted twice.
       agree, ok, weights, rounding, resolution = _decode_small(
-        consts, y_PxC, sqnorm_P, tau, tau / max(1.0, code.amp)
+        consts, y_PxC, sqnorm_P, (noise, common), common / max(1.0, code.amp)
       )
       weights = weights.astype(dtype)
       # One number for the gate noise <= _NOISE_LIMIT·‖output‖: rounding against 1e-4,
       # resolution against _RESOLUTION_LIMIT.
-      noise = jnp.maximum(
+      gate = jnp.maximum(
         rounding * float(jnp.finfo(dtype).eps), resolution * (_NOISE_LIMIT / _RESOLUTION_LIMIT)
       ).astype(jnp.float32)
     erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
-    return weights, erased, contract.make_report(~agree, ok), noise
+    return weights, erased, contract.make_report(~agree, ok), gate
 
   return DecoderParts(_COLUMNS, solve)
 
@@ -518,8 +569,9 @@ def make_decoder(code: Code, **options):
   Args:
     code: a :class:`draco_jax.coding.Code` (repetition, cyclic or cyclic_paper).
     **options: ``tol``, the relative agreement tolerance (repetition: 1e-6 for 32-bit
-      messages, 1e-13 for 64-bit; cyclic: 5e-6 / 1e-14 times sqrt(R)·max(1, rounding gain)).
-      A given ``tol`` is used as is.
+      messages, 1e-13 for 64-bit; cyclic: see :func:`_cyclic_parts`, 32u·max(1, D/4096)^(1/4)
+      on each row's propagated rounding noise, capped by 5e-6 / 1e-14 times
+      sqrt(R)·max(1, rounding gain) of the median row norm). A given ``tol`` is used as is.
 
   Returns:
     A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real
@@ -531,7 +583,9 @@ def make_decoder(code: Code, **options):
   def decode(received_PxD, key):
     contract.check_received(received_PxD, p)
     y_PxC, sqnorm_PxC = project(received_PxD, key, parts.num_columns)
-    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, received_PxD.dtype)
+    weights_P, erased_P, report, noise = parts.solve(
+      y_PxC, sqnorm_PxC, received_PxD.dtype, received_PxD.shape[1]
+    )
     if parts.num_selected is None:
       total_D = jnp.real(combine_rows(weights_P, received_PxD, erased_P))
     else:  # read only the selected rows (a fully erased group is refused by the vote)

@@ -127,7 +127,9 @@ def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
       num_shards=num_shards,
     )
     y_PxC, sqnorm_PxC = jax.lax.psum(partial, axis_name)
-    weights_P, erased_P, report, noise = parts.solve(y_PxC, sqnorm_PxC, slice_PxW.dtype)
+    weights_P, erased_P, report, noise = parts.solve(
+      y_PxC, sqnorm_PxC, slice_PxW.dtype, num_shards * slice_PxW.shape[1]
+    )
     total_W = jnp.real(decode.combine_rows(weights_P, slice_PxW, erased_P))
     norm = jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(total_W)), axis_name))
     report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * norm))

@@ -57,15 +57,16 @@ _FRC_TOL = {4: 1e-6, 8: 1e-13}
 # (u = 2^-24), about u·D^(1/4), and independent of R and of the code's rounding gain. The
 # tolerance is 4u·D^(1/4) (32u at least), a margin of 4-6x over that maximum.
 _CYCLIC_TOL = {4: 32 * 2.0**-24, 8: 32 * 2.0**-53}
-# A second, common threshold per row: tol·(median row norm)·sqrt(1 − h_k), with tol = 5e-6
+# A cap on each row's threshold: tol·max(row norm, median row norm)·sqrt(1 − h_k), tol = 5e-6
 # (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp). It holds honest rows with a margin
 # of ~5x (residual/row norm <= 17·u·sqrt(R)·amp measured, N(0,1) gradients, D = 128..4096,
 # P <= 32) and keeps rows the fit barely checks (h_k → 1) from absorbing gross errors: at a
 # wide contiguous gap (P = 64, S = 16) the fit extrapolates, and the noise threshold alone
 # let 5 rows of N(0,1) noise pass with a 7x error in the mean.
 _COMMON_TOL = {4: 5e-6, 8: 1e-14}
-# Projection columns: one locates, three certify (the repetition vote uses all four). A single
-# certificate column lets a bad row through with probability ~ tolerance / its error.
+# Projection columns: all four locate (stacked), columns 1..3 certify (the repetition vote uses
+# all four). A single certificate column lets a bad row through with probability ~ tolerance /
+# its error.
 _COLUMNS = 4
 # Refuse answers whose estimated rounding error exceeds this, relative (see _cyclic_parts).
 _NOISE_LIMIT = 1e-4
@@ -356,9 +357,10 @@ def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
   noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
   towards itself; the diagonal 1 − h_k accounts for it). Honest residuals are about
   u·noise_k, so tau_noise·noise_k separates what rounding can explain from what it cannot.
-  It is capped by tau_common·scale·sqrt(1 − h_k), scale the median row norm: where the fit
-  extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the rows
-  of the gap could absorb gross errors along the fit's nearly free directions. Errors below
+  It is capped by tau_common·max(n_k, scale)·sqrt(1 − h_k), scale the median row norm: where
+  the fit extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the
+  rows of the gap could absorb gross errors along the fit's nearly free directions. (The
+  median alone refused honest rows 16x larger than it, in the middle of even-P codes.) Errors below
   the threshold are bounded afterwards by the resolution gate of _decode_small. A row cannot
   buy a looser threshold by growing its norm: the threshold grows by tau·‖δ‖, its residual by
   about |f·δ| ≫ tau·‖δ‖.
@@ -369,7 +371,9 @@ def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
   resid = jnp.sqrt(jnp.mean(jnp.abs(resid_PxM) ** 2, axis=1))
   m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
   noise = _propagated_noise(m_PxP, norms_P)
-  common = scale * jnp.sqrt(jnp.clip(jnp.abs(jnp.diagonal(m_PxP)), 1e-12, 1.0))
+  common = jnp.maximum(norms_P, scale) * jnp.sqrt(
+    jnp.clip(jnp.abs(jnp.diagonal(m_PxP)), 1e-12, 1.0)
+  )
   threshold = jnp.minimum(tau_noise * noise, tau_common * common)
   return ~erased_P & (resid <= threshold) & full_rank
 
@@ -481,7 +485,7 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
      (scale-free, no threshold).
   3. Certificate on columns 1..C-1: fit a codeword to the kept rows; a row agrees iff its
      residual is within tol_noise times its propagated rounding noise, capped by
-     tol_common·(median row norm)·sqrt(1 − h_k) (see _agreement); refit on the agreeing rows
+     tol_common·max(‖Y_k‖, median)·sqrt(1 − h_k) (see _agreement); refit on the agreeing rows
      until stable; ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
   4. If not ok: peeling — move the worst flagged row to the erasures and redo 2-3, at most S
      rounds.

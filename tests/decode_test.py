@@ -468,6 +468,34 @@ def test_no_adversary_gives_the_plain_mean(name, p, s):
     assert _rel(mean_D, setup.truth_D) <= 1e-6
 
 
+# Codes compiled above, and P = 32, S = 4, whose middle rows have 16x the median norm (a cap of
+# the median norm refused them). At D = 2^16 the certificate's noise tolerance is 64u.
+WIDE_CODES = [
+  ("cyclic", 8, 3),
+  ("cyclic", 16, 7),
+  ("cyclic", 31, 15),
+  ("cyclic", 32, 4),
+  ("cyclic", 32, 15),
+]
+
+
+@pytest.mark.parametrize("name, p, s", WIDE_CODES)
+def test_honest_float32_encoded_messages_at_large_d_are_never_refused(name, p, s):
+  """The tolerance follows the projection's rounding up in D: honest messages encoded in
+  float32 by coding.encode, from heavy-tailed gradients with per-coordinate scales spanning
+  e^±6 (as real gradients have), are certified with nothing flagged."""
+  code, decoder, d = _code(name, p, s), _decoder(name, p, s), 2**16
+  rng = np.random.default_rng(p * 10 + s)
+  scales_D = np.exp(rng.normal(0.0, 2.0, d))
+  grads_KxD = (rng.standard_t(3, (p, d)) * scales_D).astype(np.float32)
+  sent_PxD = coding.encode(code, jnp.asarray(grads_KxD))
+  truth_D = grads_KxD.astype(np.float64).mean(0)
+  for trial in range(4):
+    mean_D, report = decoder(sent_PxD, jax.random.key(trial))
+    assert bool(report.ok) and not np.any(report.flagged), f"trial {trial}"
+    assert _rel(mean_D, truth_D) <= 1e-6
+
+
 # --------------------------------------------------------------------------- keys
 
 

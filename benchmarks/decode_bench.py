@@ -6,6 +6,11 @@ by the median time of the plain-sum floor: the faster of ``np.sum(x, 0)`` and a 
 ``jnp.ones(P) @ x`` (a jitted ``jnp.sum(x, 0)`` is 55-100x slower on XLA CPU and would flatter
 every ratio). Absolute times are noisy on shared machines; the ratios are the result.
 
+"two reads" is the cost of the two passes over the messages that any decoder of this kind
+needs (a projection, then a weighted sum whose weights depend on it), with nothing else: a
+jitted one-column projection and one weighted row sum. It bounds from below what a decoder can
+reach at each size.
+
 The repetition code needs (2S+1) | P, which no power of two allows, so it is measured at the
 nearest P with a divisor 3 (9, 15, 33, 63) with S = 1; the cyclic code uses S = max(1, P // 8).
 
@@ -43,6 +48,14 @@ def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
   return jnp.asarray(sent_PxD)
 
 
+@jax.jit
+def _two_reads(x_PxD: jax.Array):
+  """The two passes a decoder cannot avoid, and nothing else: a one-column projection and a
+  weighted sum of the rows (the weights depend on the projection, so they are two reads)."""
+  p, d = x_PxD.shape
+  return x_PxD @ jnp.ones(d, x_PxD.dtype), jnp.ones(p, x_PxD.dtype) @ x_PxD
+
+
 def _aggregators(names, p: int, s: int):
   if not names:
     return {}
@@ -68,6 +81,7 @@ def run(ps, ds, aggregator_names, repeats: int):
       floor = floor_ms(x_PxD, repeats)
       cyc_ms = _timed(decode.make_decoder(cyclic), x_PxD, key, repeats=repeats)
       row = {"P": p, "S": s, "D": d, "floor_ms": floor, "cyclic": cyc_ms / floor}
+      row["two_reads"] = _timed(_two_reads, x_PxD, repeats=repeats) / floor
       frc = coding.make_code("repetition", _FRC_P[p], 1)
       x_frc = _received(frc, d, seed=p * d)
       frc_floor = floor_ms(x_frc, repeats)
@@ -93,6 +107,7 @@ def _format_row(row, names) -> str:
     f"{row['S']:>2}",
     f"2^{int(np.log2(row['D'])):<2}",
     f"{row['floor_ms']:8.2f}",
+    f"{row['two_reads']:6.2f}",
     f"{row['cyclic']:6.2f}",
     f"{row['repetition']:6.2f} (P={row['repetition_P']})",
   ]
@@ -117,7 +132,9 @@ def main():
 
     names = list(aggregators.AGGREGATORS)
   ps, ds = ((8, 16), (2**16,)) if args.quick else ((8, 16, 32, 64), (2**16, 2**20))
-  header = ["P", "S", "D", "floor ms", "cyclic", "repetition"] + [f"{n} (vs cyclic)" for n in names]
+  header = ["P", "S", "D", "floor ms", "two reads", "cyclic", "repetition"] + [
+    f"{n} (vs cyclic)" for n in names
+  ]
   print("ratios = median time / plain-sum floor (faster of np.sum(x,0) and jnp.ones(P)@x)")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))

@@ -285,7 +285,8 @@ def _erasure_locator(c: _Cyclic, erased_P):
     return jnp.where(erased_P[k], shifted - u[k] * g, g)
 
   g0 = jnp.zeros(2 * c.s + 1, jnp.complex128).at[0].set(1.0)
-  return jax.lax.fori_loop(0, c.p, body, g0)
+  # Γ = 1 without erasures (the common case): skip the P sequential steps.
+  return jax.lax.cond(jnp.any(erased_P), lambda: jax.lax.fori_loop(0, c.p, body, g0), lambda: g0)
 
 
 def _locate(c: _Cyclic, y_PxC, erased_P):
@@ -341,17 +342,34 @@ def _fit(c: _Cyclic, y_PxM, mask_P):
   return jnp.asarray(c.basis) @ jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
 
 
-def _fit_operator(c: _Cyclic, mask_P):
-  """G [P, P] with G·y = the least-squares codeword through the masked rows of y (zero
-  columns off the mask), and whether the fit has full rank."""
+class _Fit(NamedTuple):
+  """The least-squares fit of codewords through the masked rows (64-bit, P-sized)."""
+
+  q: jax.Array  # Q [P, L] of B with the unmasked rows zeroed
+  r: jax.Array  # R [L, L]
+  full_rank: jax.Array  # whether R is invertible (else everything here is meaningless)
+  g: jax.Array  # G [P, P]: G·y is the fitted codeword (zero columns off the mask)
+  noise: jax.Array  # noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²) [P]
+  unchecked: jax.Array  # |1 − G_kk| [P]: 1 − h_k on the mask, h_k the leverage of row k
+
+
+def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
   q, r, full_rank = _masked_qr(c, mask_P)
   solved_LxP = jax.scipy.linalg.solve_triangular(r, jnp.conj(q).T, lower=False)
-  return jnp.asarray(c.basis) @ solved_LxP, full_rank
+  g_PxP = jnp.asarray(c.basis) @ solved_LxP
+  m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
+  noise = _propagated_noise(m_PxP, norms_P)
+  return _Fit(q, r, full_rank, g_PxP, noise, jnp.abs(jnp.diagonal(m_PxP)))
 
 
-def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
+def _propagated_noise(m_PxP, norms_P):
+  """sqrt(Σ_j |M_kj|² n_j²): the rounding noise of row k of M·y, per unit of relative noise."""
+  return jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
+
+
+def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, fit: _Fit, tau):
   """Rows whose residual from the codeword fitted on mask is within the rounding they can
-  carry; ``tau`` = (noise tolerance, common tolerance).
+  carry; ``fit`` is the fit on mask, ``tau`` = (noise tolerance, common tolerance).
 
   The residual r = (I − G)·y of row k carries the rounding noise of every row the fit uses:
   noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
@@ -360,46 +378,44 @@ def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, tau):
   It is capped by tau_common·max(n_k, scale)·sqrt(1 − h_k), scale the median row norm: where
   the fit extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the
   rows of the gap could absorb gross errors along the fit's nearly free directions. (The
-  median alone refused honest rows 16x larger than it, in the middle of even-P codes.) Errors below
-  the threshold are bounded afterwards by the resolution gate of _decode_small. A row cannot
-  buy a looser threshold by growing its norm: the threshold grows by tau·‖δ‖, its residual by
-  about |f·δ| ≫ tau·‖δ‖.
+  median alone refused honest rows 16x larger than it, in the middle of even-P codes.)
+  Errors below the threshold are bounded afterwards by the resolution gate of _decode_small.
+  A row cannot buy a looser threshold by growing its norm: the threshold grows by tau·‖δ‖,
+  its residual by about |f·δ| ≫ tau·‖δ‖.
   """
   tau_noise, tau_common = tau
-  g_PxP, full_rank = _fit_operator(c, mask_P)
-  resid_PxM = yc_PxM - g_PxP @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(g_PxP.dtype)
-  resid = jnp.sqrt(jnp.mean(jnp.abs(resid_PxM) ** 2, axis=1))
-  m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
-  noise = _propagated_noise(m_PxP, norms_P)
-  common = jnp.maximum(norms_P, scale) * jnp.sqrt(
-    jnp.clip(jnp.abs(jnp.diagonal(m_PxP)), 1e-12, 1.0)
-  )
-  threshold = jnp.minimum(tau_noise * noise, tau_common * common)
-  return ~erased_P & (resid <= threshold) & full_rank
-
-
-def _propagated_noise(m_PxP, norms_P):
-  """sqrt(Σ_j |M_kj|² n_j²): the rounding noise of row k of M·y, per unit of relative noise."""
-  return jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
+  fitted_PxM = fit.g @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(fit.g.dtype)
+  resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fitted_PxM) ** 2, axis=1))
+  common = jnp.maximum(norms_P, scale) * jnp.sqrt(jnp.clip(fit.unchecked, 1e-12, 1.0))
+  threshold = jnp.minimum(tau_noise * fit.noise, tau_common * common)
+  return ~erased_P & (resid <= threshold) & fit.full_rank
 
 
 def _certify(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tau, max_refits=3):
-  """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing."""
-  agree = _agreement(c, yc_PxM, norms_P, scale, erased_P, keep_P, tau)
+  """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing.
+
+  Returns (agree, ok, the fit on agree).
+  """
+
+  def check(mask_P):
+    fit = _fit_on(c, mask_P, norms_P)
+    return _agreement(c, yc_PxM, norms_P, scale, erased_P, mask_P, fit, tau), fit
 
   def refit(carry):
-    prev, _, i = carry
-    return prev, _agreement(c, yc_PxM, norms_P, scale, erased_P, prev, tau), i + 1
+    _, cur, _, i = carry
+    return cur, *check(cur), i + 1
 
   def changing(carry):
-    prev, cur, i = carry
+    prev, cur, _, i = carry
     return jnp.any(prev != cur) & (i < max_refits)
 
-  _, agree, _ = jax.lax.while_loop(changing, refit, (keep_P, agree, 0))
+  prev, agree, fit, _ = jax.lax.while_loop(changing, refit, (keep_P, *check(keep_P), 0))
+  # Stable: the last fit was on the agreeing rows. Else (max_refits reached) fit them now.
+  fit = jax.lax.cond(jnp.all(prev == agree), lambda: fit, lambda: _fit_on(c, agree, norms_P))
   e = jnp.sum(erased_P)
   need = c.p - e - (2 * c.s - e) // 2
   ok = (jnp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
-  return agree, ok
+  return agree, ok, fit
 
 
 def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
@@ -413,19 +429,15 @@ def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
   return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
 
 
-def _weights(c: _Cyclic, agree_P, norms_P):
+def _weights(c: _Cyclic, agree_P, fit: _Fit):
   """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows;
-  and, in the fit on the agreeing rows, each row's leverage h_k and noise_k (see _agreement).
+  ``fit`` is the fit on the agreeing rows.
 
   With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
-  The fit on the agreeing rows is G = Q·Qᴴ there.
   """
-  q, r, full_rank = _masked_qr(c, agree_P)
-  coeffs = jax.scipy.linalg.solve_triangular(r.T, jnp.asarray(c.target, r.dtype), lower=True)
-  hat_PxP = q @ jnp.conj(q).T
-  leverage = jnp.real(jnp.diagonal(hat_PxP))
-  noise = _propagated_noise(jnp.eye(c.p, dtype=q.dtype) - hat_PxP, norms_P)
-  return jnp.where(agree_P & full_rank, jnp.conj(q) @ coeffs, 0), leverage, noise
+  target = jnp.asarray(c.target, fit.r.dtype)
+  coeffs = jax.scipy.linalg.solve_triangular(fit.r.T, target, lower=True)
+  return jnp.where(agree_P & fit.full_rank, jnp.conj(fit.q) @ coeffs, 0)
 
 
 def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
@@ -444,11 +456,10 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
 
   def candidate(erased_cur):
     keep = _locate(c, y_PxC, erased_cur)
-    agree, ok = _certify(c, yc, norms, scale, erased, keep, tau)
-    return keep, agree, ok
+    return keep, *_certify(c, yc, norms, scale, erased, keep, tau)
 
   def peel(_, carry):
-    erased_cur, keep, agree, ok = carry
+    erased_cur, keep, _, ok, _ = carry
 
     def step():
       worst = _peel_suspect(c, y, erased_cur, keep)
@@ -458,8 +469,8 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
     return jax.lax.cond(ok | (jnp.sum(erased_cur) >= 2 * c.s), lambda: carry, step)
 
   carry = jax.lax.fori_loop(0, c.s, peel, (erased, *candidate(erased)))
-  _, _, agree, ok = carry
-  weights, leverage, noise = _weights(c, agree, norms)
+  _, _, agree, ok, fit = carry
+  weights = _weights(c, agree, fit)
   # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and
   # resolution, the error that rows passing the certificate just under their thresholds
   # could cause. An error δ in row k leaves (1 − h_k)·δ in its own residual, so each row can
@@ -467,8 +478,8 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
   # rows that no other row checks (h_k → 1, at the edges of a wide contiguous gap) can hide
   # anything (measured at P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the
   # mean by 3e-2).
-  unchecked = jnp.maximum(1.0 - leverage, 1e-24)
-  hidden = jnp.minimum(tau[0] * noise / unchecked, tau_resolution * scale / jnp.sqrt(unchecked))
+  unchecked = jnp.maximum(fit.unchecked, 1e-24)
+  hidden = jnp.minimum(tau[0] * fit.noise / unchecked, tau_resolution * scale / jnp.sqrt(unchecked))
   rounding = jnp.sum(jnp.abs(weights) * norms)
   resolution = jnp.sum(jnp.abs(weights) * hidden)
   return agree, ok, weights, rounding, resolution

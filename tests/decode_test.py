@@ -174,14 +174,9 @@ def _random_rows(rng, p, size):
 
 # --------------------------------------------------------------------------- known failures
 
-# decode.py fails these cases (measured 2026-12-02 with this file's seeds). Each is
+# Cases decode.py fails, none at present (measured 2026-12-02 with this file's seeds). Each is
 # xfail(strict=False), so a fix shows up as XPASS: then delete its entry.
-KNOWN_FAILURES = {
-  "test_no_adversary_gives_the_plain_mean[cyclic-64-16]": (
-    "P = 64: the certificate may flag up to S honest rows (draco-math §7 allows it); the mean "
-    "is still exact"
-  ),
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def _param(test, *values, marks=()):

@@ -2,7 +2,8 @@ r"""Decode / aggregation cost as ratios to a plain sum, measured side by side in
 
 For each P and D, every combiner (DRACO decoders and the baseline aggregators) is timed on the
 same float32 array of received messages (S rows reversed x(-100)), and its median time is divided
-by the median time of the plain-sum floor: the faster of ``np.sum(x, 0)`` and a jitted
+by the median time of the plain-sum floor, timed in the same round (five rounds; the table
+gives the median ratio): the faster of ``np.sum(x, 0)`` and a jitted
 ``jnp.ones(P) @ x`` (a jitted ``jnp.sum(x, 0)`` is 55-100x slower on XLA CPU and would flatter
 every ratio). Absolute times are noisy on shared machines; the ratios are the result.
 
@@ -30,13 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from draco_jax import coding, decode
-from experiments.combine_timing import floor_ms, median_ms
+from experiments.combine_timing import interleaved_ratios
 
 _FRC_P = {8: 9, 16: 15, 32: 33, 64: 63}
-
-
-def _timed(fn, *args, repeats: int) -> float:
-  return median_ms(fn, *args, repeats=repeats, budget_s=3.0)
 
 
 def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
@@ -70,7 +67,7 @@ def _aggregators(names, p: int, s: int):
   return out
 
 
-def run(ps, ds, aggregator_names, repeats: int):
+def run(ps, ds, aggregator_names, rounds: int):
   rows = []
   key = jax.random.key(0)
   for p in ps:
@@ -78,24 +75,28 @@ def run(ps, ds, aggregator_names, repeats: int):
     for d in ds:
       cyclic = coding.make_code("cyclic", p, s)
       x_PxD = _received(cyclic, d, seed=p + d)
-      floor = floor_ms(x_PxD, repeats)
-      cyc_ms = _timed(decode.make_decoder(cyclic), x_PxD, key, repeats=repeats)
-      row = {"P": p, "S": s, "D": d, "floor_ms": floor, "cyclic": cyc_ms / floor}
-      row["two_reads"] = _timed(_two_reads, x_PxD, repeats=repeats) / floor
-      frc = coding.make_code("repetition", _FRC_P[p], 1)
-      x_frc = _received(frc, d, seed=p * d)
-      frc_floor = floor_ms(x_frc, repeats)
-      frc_ms = _timed(decode.make_decoder(frc), x_frc, key, repeats=repeats)
-      row["repetition"] = frc_ms / frc_floor
-      row["repetition_P"] = _FRC_P[p]
+      candidates = {
+        "cyclic": (decode.make_decoder(cyclic), (x_PxD, key)),
+        "two_reads": (_two_reads, (x_PxD,)),
+      }
+      skipped = []
+      x_unc = _received(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
       for name, agg in _aggregators(aggregator_names, p, s).items():
         if isinstance(agg, str):
-          row[name] = None
-          continue
-        x_unc = _received(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
-        ms = _timed(agg, x_unc, key, repeats=repeats)
-        row[name] = ms / floor
-        row[name + "_vs_cyclic"] = ms / cyc_ms
+          skipped.append(name)
+        else:
+          candidates[name] = (agg, (x_unc, key))
+      ratios, floor = interleaved_ratios(candidates, x_PxD, rounds=rounds)
+      frc = coding.make_code("repetition", _FRC_P[p], 1)
+      x_frc = _received(frc, d, seed=p * d)
+      frc_ratios, _ = interleaved_ratios(
+        {"repetition": (decode.make_decoder(frc), (x_frc, key))}, x_frc, rounds=rounds
+      )
+      row = {"P": p, "S": s, "D": d, "floor_ms": floor, **ratios, **frc_ratios}
+      row["repetition_P"] = _FRC_P[p]
+      for name in aggregator_names:
+        row[name + "_vs_cyclic"] = None if name in skipped else row[name] / row["cyclic"]
+        row.setdefault(name, None)
       rows.append(row)
       print(_format_row(row, aggregator_names), flush=True)
   return rows
@@ -120,7 +121,9 @@ def _format_row(row, names) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="P in {8, 16}, D = 2^16")
-  parser.add_argument("--repeats", type=int, default=15)
+  parser.add_argument(
+    "--rounds", type=int, default=5, help="timing rounds (the floor is re-timed in each)"
+  )
   parser.add_argument(
     "--aggregators", default="", help="comma-separated aggregator names, or 'all'"
   )
@@ -138,7 +141,7 @@ def main():
   print("ratios = median time / plain-sum floor (faster of np.sum(x,0) and jnp.ones(P)@x)")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  run(ps, ds, names, args.repeats)
+  run(ps, ds, names, args.rounds)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
   "make_combiner",
   "median_ms",
   "floor_ms",
+  "interleaved_ratios",
   "time_combiner",
   "sweep",
   "main",
@@ -119,6 +120,32 @@ def floor_ms(x_PxD: jax.Array, repeats: int) -> float:
   ones = jax.jit(lambda x: jnp.ones(x.shape[0], x.dtype) @ x)
   numpy_ms = median_ms(lambda: np.sum(x_np, 0), repeats=repeats)
   return min(numpy_ms, median_ms(ones, x_PxD, repeats=repeats))
+
+
+def interleaved_ratios(
+  candidates: dict, x_PxD: jax.Array, *, rounds: int = 5, calls: int = 5
+) -> tuple[dict, float]:
+  """Median over ``rounds`` of (median time of each candidate / the floor of the same round).
+
+  Args:
+    candidates: name -> (fn, args); each timed on its args after one warm-up call.
+    x_PxD: the array whose plain-sum floor (:func:`floor_ms`) each ratio is taken against.
+    rounds: how many times the floor and every candidate are timed in turn; the load of a
+      shared machine drifts within seconds, so a ratio is only taken within one round.
+    calls: blocked calls per timing (their median is the timing).
+
+  Returns:
+    ({name: median ratio}, median floor ms).
+  """
+  for fn, args in candidates.values():
+    jax.block_until_ready(fn(*args))
+  ratios, floors = {name: [] for name in candidates}, []
+  for _ in range(rounds):
+    floor = floor_ms(x_PxD, calls)
+    floors.append(floor)
+    for name, (fn, args) in candidates.items():
+      ratios[name].append(median_ms(fn, *args, repeats=calls, budget_s=1.0) / floor)
+  return {name: float(np.median(r)) for name, r in ratios.items()}, float(np.median(floors))
 
 
 def time_combiner(name: str, p: int, s: int, d: int, *, repeats: int = 5) -> dict:

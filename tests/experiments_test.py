@@ -9,6 +9,9 @@ import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -246,6 +249,21 @@ def test_combine_timing_rows_and_floor(timing_file):
     assert row["ratio"] == pytest.approx(row["ms"] / row["floor_ms"])
   with pytest.raises(ValueError, match="valid combiners"):
     combine_timing.make_combiner("median", 9, 1)
+
+
+def test_interleaved_ratios_times_every_candidate_against_the_same_rounds():
+  x_PxD = jnp.ones((4, 64), jnp.float32)
+  calls = []
+
+  def counted(x):
+    calls.append(1)
+    return x.sum()
+
+  candidates = {"sum": (counted, (x_PxD,)), "half": (jax.jit(lambda x: x / 2), (x_PxD,))}
+  ratios, floor = combine_timing.interleaved_ratios(candidates, x_PxD, rounds=3, calls=2)
+  assert set(ratios) == {"sum", "half"}
+  assert floor > 0 and all(np.isfinite(r) and r > 0 for r in ratios.values())
+  assert len(calls) == 1 + 3 * (2 + 1)  # warm-up, then per round a warm-up and 2 timed calls
 
 
 def test_command_lines_reject_bad_arguments(capsys):

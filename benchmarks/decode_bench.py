@@ -31,18 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from draco_jax import coding, decode
-from experiments.combine_timing import interleaved_ratios
+from experiments.combine_timing import interleaved_ratios, received_messages
 
 _FRC_P = {8: 9, 16: 15, 32: 33, 64: 63}
-
-
-def _received(code: coding.Code, d: int, seed: int) -> jax.Array:
-  rng = np.random.default_rng(seed)
-  grads_KxD = rng.standard_normal((code.num_workers, d)).astype(np.float32)
-  sent_PxD = np.array(coding.encode(code, jnp.asarray(grads_KxD)))
-  bad = rng.choice(code.num_workers, code.num_adversaries, replace=False)
-  sent_PxD[bad] *= -100.0
-  return jnp.asarray(sent_PxD)
 
 
 @jax.jit
@@ -74,13 +65,13 @@ def run(ps, ds, aggregator_names, rounds: int):
     s = max(1, p // 8)
     for d in ds:
       cyclic = coding.make_code("cyclic", p, s)
-      x_PxD = _received(cyclic, d, seed=p + d)
+      x_PxD = received_messages(cyclic, d, seed=p + d)
       candidates = {
         "cyclic": (decode.make_decoder(cyclic), (x_PxD, key)),
         "two_reads": (_two_reads, (x_PxD,)),
       }
       skipped = []
-      x_unc = _received(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
+      x_unc = received_messages(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
       for name, agg in _aggregators(aggregator_names, p, s).items():
         if isinstance(agg, str):
           skipped.append(name)
@@ -88,7 +79,7 @@ def run(ps, ds, aggregator_names, rounds: int):
           candidates[name] = (agg, (x_unc, key))
       ratios, floor = interleaved_ratios(candidates, x_PxD, rounds=rounds)
       frc = coding.make_code("repetition", _FRC_P[p], 1)
-      x_frc = _received(frc, d, seed=p * d)
+      x_frc = received_messages(frc, d, seed=p * d)
       frc_ratios, _ = interleaved_ratios(
         {"repetition": (decode.make_decoder(frc), (x_frc, key))}, x_frc, rounds=rounds
       )

@@ -42,6 +42,7 @@ __all__ = [
   "median_ms",
   "floor_ms",
   "interleaved_ratios",
+  "received_messages",
   "time_combiner",
   "sweep",
   "main",
@@ -90,10 +91,10 @@ def make_combiner(name: str, num_workers: int, num_adversaries: int) -> Callable
   return jax.jit(aggregators.make_aggregator(name, num_workers, num_adversaries))
 
 
-def _received(code_name: str, p: int, s: int, d: int, seed: int) -> jax.Array:
-  """Encoded float32 messages of random gradients, S rows reversed x(-100)."""
+def received_messages(code: coding.Code, d: int, seed: int) -> jax.Array:
+  """Encoded float32 messages of random N(0, 1) gradients, S random rows reversed x(-100)."""
   rng = np.random.default_rng(seed)
-  code = coding.make_code(code_name, p, s)
+  p, s = code.num_workers, code.num_adversaries
   grads_KxD = jnp.asarray(rng.standard_normal((p, d)), jnp.float32)
   sent_PxD = np.array(coding.encode(code, grads_KxD))
   sent_PxD[rng.choice(p, s, replace=False)] *= -100.0
@@ -150,7 +151,7 @@ def interleaved_ratios(
 
 def time_combiner(name: str, p: int, s: int, d: int, *, repeats: int = 5) -> dict:
   """One row: the median time of combiner ``name`` at (P, S, D), and the plain-sum floor."""
-  x_PxD = _received(_code_name(name), p, s, d, seed=p * d + s)
+  x_PxD = received_messages(coding.make_code(_code_name(name), p, s), d, seed=p * d + s)
   ms = median_ms(make_combiner(name, p, s), x_PxD, jax.random.key(0), repeats=repeats)
   floor = floor_ms(x_PxD, repeats)
   return {

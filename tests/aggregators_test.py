@@ -326,24 +326,7 @@ def test_non_finite_and_huge_rows_never_poison_robust_rules(name, payload):
     assert np.asarray(report.flagged)[[1, 6]].all()
 
 
-@pytest.mark.parametrize("name", list(AGGREGATORS))
-def test_report_shapes_and_no_recompilation(name):
-  traces = []
-
-  def traced(x, key):
-    traces.append(1)
-    return make_aggregator(name, P, S)(x, key)
-
-  agg = jax.jit(traced)
-  for seed, payload in enumerate([None, np.nan, 1e30, -7.0]):
-    x = _honest(seed) if payload is None else _with_bad_rows(_honest(seed), payload, (seed,))
-    mean_D, report = agg(jnp.asarray(x), jax.random.key(seed))
-    assert mean_D.shape == (D,) and mean_D.dtype == jnp.float32
-    assert report.flagged.shape == (P,) and report.flagged.dtype == jnp.bool_
-    assert report.ok.shape == () and report.iterations.dtype == jnp.int32
-    assert np.all(np.isfinite(mean_D))
-    assert bool(report.ok) or not np.any(mean_D)
-  assert len(traces) == 1 and agg._cache_size() == 1
+# Report shapes, dtypes and no recompilation: tests/contract_test.py, for every combiner.
 
 
 def test_all_rows_non_finite_gives_zeros_not_ok():

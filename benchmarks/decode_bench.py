@@ -71,7 +71,8 @@ def run(ps, ds, aggregator_names, rounds: int):
         "two_reads": (_two_reads, (x_PxD,)),
       }
       skipped = []
-      x_unc = received_messages(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
+      if aggregator_names:
+        x_unc = received_messages(coding.make_code("uncoded", p, s), d, seed=p + 7 * d)
       for name, agg in _aggregators(aggregator_names, p, s).items():
         if isinstance(agg, str):
           skipped.append(name)

@@ -354,6 +354,7 @@ class _Fit(NamedTuple):
 
 
 def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
+  """The fit through the masked rows, with each row's propagated noise (row norms norms_P)."""
   q, r, full_rank = _masked_qr(c, mask_P)
   solved_LxP = jax.scipy.linalg.solve_triangular(r, jnp.conj(q).T, lower=False)
   g_PxP = jnp.asarray(c.basis) @ solved_LxP
@@ -520,7 +521,7 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   def solve(y_PxC, sqnorm_PxC, dtype, num_features):
     sqnorm_P = jnp.mean(sqnorm_PxC, axis=1)
     if tol is None:
-      common = _tolerance(_COMMON_TOL, dtype, tol) * np.sqrt(code.redundancy) * max(1.0, code.amp)
+      common = _COMMON_TOL[_bytes(dtype)] * np.sqrt(code.redundancy) * max(1.0, code.amp)
       # The paper code's messages cancel by up to its rounding gain: its noise tolerance is
       # the common one. Centred codes: the projection's rounding grows like D^(1/4) (above).
       growth = max(1.0, num_features / 4096) ** 0.25
@@ -586,7 +587,8 @@ def make_decoder(code: Code, **options):
     **options: ``tol``, the relative agreement tolerance (repetition: 1e-6 for 32-bit
       messages, 1e-13 for 64-bit; cyclic: see :func:`_cyclic_parts`, 32u·max(1, D/4096)^(1/4)
       on each row's propagated rounding noise, capped by 5e-6 / 1e-14 times
-      sqrt(R)·max(1, rounding gain) of the median row norm). A given ``tol`` is used as is.
+      sqrt(R)·max(1, rounding gain) of max(row norm, median row norm)). A given ``tol`` is used
+      as is.
 
   Returns:
     A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real

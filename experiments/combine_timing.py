@@ -138,6 +138,8 @@ def interleaved_ratios(
   Returns:
     ({name: median ratio}, median floor ms).
   """
+  if rounds < 1 or calls < 1:
+    raise ValueError(f"rounds and calls must be >= 1; got rounds={rounds}, calls={calls}")
   for fn, args in candidates.values():
     jax.block_until_ready(fn(*args))
   ratios, floors = {name: [] for name in candidates}, []

@@ -264,6 +264,8 @@ def test_interleaved_ratios_times_every_candidate_against_the_same_rounds():
   assert set(ratios) == {"sum", "half"}
   assert floor > 0 and all(np.isfinite(r) and r > 0 for r in ratios.values())
   assert len(calls) == 1 + 3 * (2 + 1)  # warm-up, then per round a warm-up and 2 timed calls
+  with pytest.raises(ValueError, match="rounds=0"):
+    combine_timing.interleaved_ratios(candidates, x_PxD, rounds=0)
 
 
 def test_command_lines_reject_bad_arguments(capsys):

@@ -8,15 +8,18 @@ C random projection columns.
 
     mean_D, report = decoder(received_PxD, key)
 
-Both decoders read the messages only twice (one random projection, one weighted sum of rows),
-so they cost about as much as a plain sum; everything else works on P-sized arrays.
+Both decoders read the messages only twice (one random projection, one weighted sum of rows,
+skipped when the answer is refused); everything else works on P-sized arrays. The norm of the
+answer, which the rounding gates need, is estimated from the projection (``Projection.gram_PxP``)
+rather than read from the answer: an exact norm would be a third pass over D.
 
 Randomness. The projection must be fresh and secret (§5.4): ``key`` is the combiner's own key.
 Drawing a dense D x C Gaussian matrix costs more than the whole decode on CPU, so the projection
 is Kronecker-structured: D = m1·m2, m2 = n1·n2 and f = a ⊗ c1 ⊗ c2 with independent N(0, I)
-factors. For a fixed nonzero error e (an m1 x n1 x n2 tensor E), f·e = Σ a_i c1_j c2_l E_ijl is
-a nonzero multilinear polynomial of the Gaussian factors, so it vanishes with probability 0 and
-the locate/certify arguments of §4 carry over.
+factors (Box-Muller on XLA's bit generator keyed by ``key``, see _standard_normal). For a fixed
+nonzero error e (an m1 x n1 x n2 tensor E), f·e = Σ a_i c1_j c2_l E_ijl is a nonzero
+multilinear polynomial of the Gaussian factors, so it vanishes with probability 0 and the
+locate/certify arguments of §4 carry over.
 
 Precision. The O(P·D) passes run in the message dtype at matmul precision HIGHEST. The
 P-sized steps (syndromes, locators, fits, weights) run in float64/complex128 by enabling 64-bit
@@ -40,6 +43,8 @@ __all__ = [
   "decoder_parts",
   "DecoderParts",
   "project",
+  "Projection",
+  "combine",
   "combine_rows",
   "DECODERS",
 ]
@@ -106,23 +111,57 @@ def _split_inner(m2: int) -> tuple[int, int]:
   return n1, m2 // n1
 
 
+def _standard_normal(key, n: int) -> jax.Array:
+  """n N(0, 1) float32 numbers from ``key``: Box-Muller on XLA's bit generator.
+
+  jax.random.normal on the default threefry key costs 50-100 µs on CPU for a few hundred
+  numbers (a rolled loop of rounds, then erfinv); the "rbg" generator (XLA's RngBitGenerator,
+  keyed by ``key``'s data) and Box-Muller cost about a third of that. The stream is still a
+  deterministic function of ``key``, fresh for every key.
+  """
+  data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  if data.shape[0] < 4:  # threefry keys have 2 words, rbg keys 4
+    data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])
+  bits = jax.random.bits(jax.random.wrap_key_data(data[:4], impl="rbg"), (2, -(-n // 2)))
+  # 23-bit uniforms strictly inside (0, 1): the logarithm is finite.
+  u = ((bits >> 9).astype(jnp.float32) + 0.5) * 2.0**-23
+  radius, angle = jnp.sqrt(-2.0 * jnp.log(u[0])), (2.0 * np.pi) * u[1]
+  return jnp.concatenate([radius * jnp.cos(angle), radius * jnp.sin(angle)])[:n]
+
+
 def _gaussian_factors(key, m1_total: int, m2: int, num_columns: int, dtype):
   """a [m1_total, C] and c [m2, C] with c = c1 ⊗ c2 column by column, from ONE draw.
 
-  Drawing the D·C entries of a dense F costs more than the whole decode on CPU (threefry, about
-  30 ns a number), so F = a ⊗ c1 ⊗ c2 needs only (m1 + n1 + n2)·C numbers. E[c cᵀ] = I still
-  holds, so t = Y_block·c keeps the variance ‖Y_block‖² that sets the noise scale.
+  Drawing the D·C entries of a dense F costs more than the whole decode on CPU, so
+  F = a ⊗ c1 ⊗ c2 needs only (m1 + n1 + n2)·C numbers. E[c cᵀ] = I still holds, so
+  t = Y_block·c keeps the variance ‖Y_block‖² that sets the noise scale.
   """
   n1, n2 = _split_inner(m2)
-  z = jax.random.normal(key, (m1_total + (n1 > 1) * n1 + n2, num_columns), dtype)
-  # Without the barrier XLA fuses the generator into its consumers and re-runs threefry for
-  # each of the m2·C entries of c (measured: 175 µs instead of 45 µs at D = 2^16 on CPU).
+  rows = m1_total + (n1 > 1) * n1 + n2
+  z = _standard_normal(key, rows * num_columns).reshape(rows, num_columns).astype(dtype)
+  # Without the barrier XLA fuses the generator into its consumers and re-runs it for each of
+  # the m2·C entries of c (measured: 175 µs instead of 45 µs at D = 2^16 on CPU).
   z = jax.lax.optimization_barrier(z)
   a_M1xC, c_M2xC = z[:m1_total], z[m1_total:]
   if n1 > 1:
     c1_N1xC, c2_N2xC = c_M2xC[:n1], c_M2xC[n1:]
     c_M2xC = (c1_N1xC[:, None, :] * c2_N2xC[None, :, :]).reshape(m2, num_columns)
   return a_M1xC, c_M2xC
+
+
+class Projection(NamedTuple):
+  """What the decoders read from the messages in their first pass (see :func:`project`).
+
+  Attributes:
+    y_PxC: Y·F, the projections (message dtype).
+    sqnorm_PxC: each row's projected variance in each column (≈ ‖Y_k‖², real).
+    gram_PxP: a random estimate of the Gram matrix conj(Y)·Yᵀ (message dtype), so that
+      ‖Σ_k w_k Y_k‖² ≈ conj(w)ᵀ·gram·w is known before the combination is computed.
+  """
+
+  y_PxC: jax.Array
+  sqnorm_PxC: jax.Array
+  gram_PxP: jax.Array
 
 
 def project(
@@ -132,7 +171,7 @@ def project(
   *,
   shard_index: jax.Array | int = 0,
   num_shards: int = 1,
-) -> jax.Array:
+) -> Projection:
   """Y·F for a fresh Kronecker-structured Gaussian F [D, C], in one pass over Y.
 
   Rows with a non-finite entry get a non-finite projection (NaN and Inf propagate through
@@ -147,10 +186,11 @@ def project(
     num_shards: the number of column slices.
 
   Returns:
-    (y_PxC in the message dtype, sqnorm_PxC): the projections and an estimate of each
-    row's projected variance in each column (float32). The first stage computes
-    t[k, i, c] = Y_k[i-th block]·c_c, so y[k, c] = Σ_i a_ic t[k, i, c], and Σ_i a_ic² t²
-    (≈ ‖Y_k‖² for large m1) sets the scale of its rounding noise.
+    A :class:`Projection`; every field is a sum over column blocks, so the slices' fields
+    sum to the whole's. The first stage computes t[k, i, c] = Y_k[i-th block]·c_c, so
+    y[k, c] = Σ_i a_ic t[k, i, c]; Σ_i a_ic² t² (≈ ‖Y_k‖² for large m1) sets the scale of
+    its rounding noise, and gram[k, l] = Σ_ic a_ic²·conj(t[k, i, c])·t[l, i, c] / C is the
+    quadratic form conj(Y_k)·M·Y_l of a random block-diagonal M with E[M] = I.
   """
   p, d = received_PxD.shape
   m1, m2, padded = _kron_factors(d)
@@ -164,7 +204,9 @@ def project(
   # Σ_i a_i² t_i² is the variance of y given a: the scale of y's honest rounding noise.
   weighted = jnp.abs(t_PxM1xC) ** 2 * (a_M1xC**2)[None].astype(real)
   sqnorm_PxC = jnp.sum(weighted, axis=1).astype(real)
-  return y_PxC, sqnorm_PxC
+  scaled_PxN = (t_PxM1xC * jnp.abs(a_M1xC)[None].astype(y.dtype)).reshape(p, -1)
+  gram = jnp.matmul(jnp.conj(scaled_PxN), scaled_PxN.T, precision=_HIGHEST)
+  return Projection(y_PxC, sqnorm_PxC, gram / num_columns)
 
 
 def combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -> jax.Array:
@@ -188,15 +230,16 @@ def _tolerance(table, dtype, tol) -> float:
 class DecoderParts(NamedTuple):
   """A decoder split at its two passes over the messages, so that they can be sharded.
 
-  decode(Y, key) = Re(Σ_k w_k Y_k) / K with (w, erased, report, noise) =
-  solve(*project(Y, key, C), dtype, D), refused when noise > 1e-4·‖Σ_k w_k Y_k‖.
+  decode(Y, key) = combine(parts, weights, erased, report.ok, Y) with
+  (weights, erased, report) = solve(project(Y, key, C), dtype, D).
 
   Attributes:
     num_columns: C, the projection columns ``solve`` needs.
-    solve: ``solve(y_PxC, sqnorm_PxC, message_dtype, num_features) -> (weights_P, erased_P,
-      report, noise)``; pure, P-sized (num_features, the D the projection summed over, sets
-      the tolerance for its rounding); the weights are zero on every row that is not
-      combined; ``noise`` bounds the rounding error of Σ_k w_k Y_k.
+    solve: ``solve(projection, message_dtype, num_features) -> (weights_P, erased_P,
+      report)``; pure, P-sized (num_features, the D the projection summed over, sets the
+      tolerance for its rounding). The weights include the 1/K of the mean and are zero on
+      every row that is not combined; ``report.ok`` includes every gate, so that nothing is
+      combined when it is False.
     num_selected: if set, at most this many weights are nonzero (the repetition vote picks one
       row per group), so the combination reads only those rows.
   """
@@ -204,6 +247,22 @@ class DecoderParts(NamedTuple):
   num_columns: int
   solve: Callable
   num_selected: int | None = None
+
+
+def combine(
+  parts: DecoderParts, weights_P: jax.Array, erased_P: jax.Array, ok: jax.Array, received_PxD
+) -> jax.Array:
+  """The decoded mean Re(Σ_k w_k Y_k) [D]; zeros, without reading the messages, if not ok."""
+
+  def rows():
+    if parts.num_selected is None:
+      return jnp.real(combine_rows(weights_P, received_PxD, erased_P))
+    # Only the selected rows (a fully erased group is refused by the vote).
+    return _sum_selected(weights_P, received_PxD, parts.num_selected)
+
+  real = jnp.finfo(received_PxD.dtype).dtype
+  # zeros_like keeps the row's type inside shard_map (varying over the mesh axis).
+  return jax.lax.cond(ok, rows, lambda: jnp.zeros_like(received_PxD[0], dtype=real))
 
 
 # --------------------------------------------------------------------------- repetition
@@ -230,8 +289,9 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
-  def solve(v_PxC, sqnorm_PxC, dtype, num_features):
+  def solve(projection: Projection, dtype, num_features):
     del num_features  # the vote's tolerance does not depend on D
+    v_PxC, sqnorm_PxC = projection.y_PxC, projection.sqnorm_PxC
     tau = _tolerance(_FRC_TOL, dtype, tol)
     erased_P = ~jnp.all(jnp.isfinite(v_PxC) & jnp.isfinite(sqnorm_PxC), axis=1)
     v_GxRxC = jnp.where(erased_P[:, None], 0, v_PxC).reshape(groups, r, -1)
@@ -244,9 +304,8 @@ def _repetition_parts(code: Code, tol=None) -> DecoderParts:
     agree_GxR = ~erased_GxR & jnp.all(gap_GxRxC <= tau * scale_GxC[:, None, :], axis=2)
     ok = jnp.all(2 * jnp.sum(agree_GxR, axis=1) > jnp.sum(~erased_GxR, axis=1))
     rows_G = chosen_G + r * jnp.arange(groups)
-    weights_P = jnp.zeros(p, dtype).at[rows_G].set(1.0)
-    report = contract.make_report(~agree_GxR.reshape(p), ok)
-    return weights_P, erased_P, report, jnp.zeros((), jnp.float32)
+    weights_P = jnp.zeros(p, dtype).at[rows_G].set(1.0 / p)
+    return weights_P, erased_P, contract.make_report(~agree_GxR.reshape(p), ok)
 
   return DecoderParts(_COLUMNS, solve, num_selected=groups)
 
@@ -354,10 +413,20 @@ class _Fit(NamedTuple):
 
 
 def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
-  """The fit through the masked rows, with each row's propagated noise (row norms norms_P)."""
+  """The fit through the masked rows, with each row's propagated noise (row norms norms_P).
+
+  G = B·R⁻¹·Qᴴ. On the masked rows B_k·R⁻¹ = Q_k, so those rows of G are Q·Qᴴ and only the
+  other rows (at most 2S while R is invertible) need a triangular solve. A solve with a
+  P-column right-hand side would also cost more: OpenBLAS runs it multithreaded, and its
+  threads keep spinning after the call, taking the cores from the O(P·D) passes of the next
+  decode (measured: 2x on every pass at P = 64, 2 cores).
+  """
   q, r, full_rank = _masked_qr(c, mask_P)
-  solved_LxP = jax.scipy.linalg.solve_triangular(r, jnp.conj(q).T, lower=False)
-  g_PxP = jnp.asarray(c.basis) @ solved_LxP
+  rows = jnp.nonzero(~mask_P, size=2 * c.s, fill_value=c.p)[0]
+  basis_off = jnp.take(jnp.asarray(c.basis), rows, axis=0, mode="fill", fill_value=0)
+  # B_off·R⁻¹ = (R⁻ᵀ·B_offᵀ)ᵀ (plain transposes: R⁻¹ itself, not its adjoint).
+  solved_LxO = jax.scipy.linalg.solve_triangular(r.T, basis_off.T, lower=True)
+  g_PxP = (q @ jnp.conj(q).T).at[rows].set(solved_LxO.T @ jnp.conj(q).T, mode="drop")
   m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
   noise = _propagated_noise(m_PxP, norms_P)
   return _Fit(q, r, full_rank, g_PxP, noise, jnp.abs(jnp.diagonal(m_PxP)))
@@ -486,6 +555,33 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
   return agree, ok, weights, rounding, resolution
 
 
+def _combined_norm(gram_PxP, erased_P, b_P):
+  """‖Σ_k b_k Y_k‖ estimated as sqrt(conj(b)ᵀ·gram·b) (64-bit), erased rows left out.
+
+  The estimate is the norm of the combination under a random block-diagonal quadratic form
+  with mean I (see :func:`project`): no cancellation between rows can fool it, and its
+  spread (averaged over m1 >= 16 blocks and C columns) is far below the factor 100 between
+  the rounding gate and the 1e-3 a refused answer could otherwise carry.
+  """
+  live = ~erased_P[:, None] & ~erased_P[None, :]
+  gram = gram_PxP.astype(b_P.dtype)
+  gram = jnp.where(live & jnp.isfinite(gram), gram, 0)
+  return jnp.sqrt(jnp.maximum(jnp.real(jnp.conj(b_P) @ gram @ b_P), 0))
+
+
+def _unprotected_solve(code: Code):
+  """S = 0: no redundancy to check, the mean is ℓᵀY/K; refused if any row is missing."""
+
+  def solve(projection: Projection, dtype, num_features):
+    del num_features
+    y_PxC, sqnorm_PxC = projection.y_PxC, projection.sqnorm_PxC
+    erased_P = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.all(jnp.isfinite(sqnorm_PxC), axis=1))
+    weights_P = jnp.asarray(code.functional / code.num_workers, dtype)
+    return weights_P, erased_P, contract.make_report(erased_P, ~jnp.any(erased_P))
+
+  return solve
+
+
 def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
 
@@ -507,7 +603,8 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
      u·Σ_k |b_k|·‖Y_k‖; when that exceeds 1e-4·‖Σ_k b_k Y_k‖ (contiguous adversaries at large
      P force weights that extrapolate across the gap, §5.1) the answer is refused. Likewise
      when Σ_k |b_k|·(the error row k could hide under its threshold), exceeds
-     1e-2·‖Σ_k b_k Y_k‖.
+     1e-2·‖Σ_k b_k Y_k‖. The norm is estimated from the projection (_combined_norm), so a
+     refused answer is never computed.
 
   Tolerances (defaults): tol_noise = 32u·max(1, D/4096)^(1/4) with u the unit roundoff of
   the messages; tol_common = 5e-6 (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp).
@@ -517,9 +614,13 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
   well-conditioned variant specified in shared/docs/draco-math.md.
   """
   consts = _cyclic_constants(code)
+  if code.num_adversaries == 0:
+    return DecoderParts(_COLUMNS, _unprotected_solve(code))
 
-  def solve(y_PxC, sqnorm_PxC, dtype, num_features):
-    sqnorm_P = jnp.mean(sqnorm_PxC, axis=1)
+  def solve(projection: Projection, dtype, num_features):
+    y_PxC = projection.y_PxC
+    sqnorm_P = jnp.mean(projection.sqnorm_PxC, axis=1)
+    erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
     if tol is None:
       common = _COMMON_TOL[_bytes(dtype)] * np.sqrt(code.redundancy) * max(1.0, code.amp)
       # The paper code's messages cancel by up to its rounding gain: its noise tolerance is
@@ -533,14 +634,15 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
       agree, ok, weights, rounding, resolution = _decode_small(
         consts, y_PxC, sqnorm_P, (noise, common), common / max(1.0, code.amp)
       )
-      weights = weights.astype(dtype)
-      # One number for the gate noise <= _NOISE_LIMIT·‖output‖: rounding against 1e-4,
-      # resolution against _RESOLUTION_LIMIT.
+      # The gates, noise <= _NOISE_LIMIT·‖Σ_k b_k Y_k‖ (rounding against 1e-4, resolution
+      # against _RESOLUTION_LIMIT), with the norm estimated from the projection's Gram matrix
+      # (the exact norm would be a third pass over D).
       gate = jnp.maximum(
         rounding * float(jnp.finfo(dtype).eps), resolution * (_NOISE_LIMIT / _RESOLUTION_LIMIT)
-      ).astype(jnp.float32)
-    erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
-    return weights, erased, contract.make_report(~agree, ok), gate
+      )
+      ok = ok & (gate <= _NOISE_LIMIT * _combined_norm(projection.gram_PxP, erased, weights))
+      weights = (weights / code.num_workers).astype(dtype)
+    return weights, erased, contract.make_report(~agree, ok)
 
   return DecoderParts(_COLUMNS, solve)
 
@@ -599,15 +701,8 @@ def make_decoder(code: Code, **options):
 
   def decode(received_PxD, key):
     contract.check_received(received_PxD, p)
-    y_PxC, sqnorm_PxC = project(received_PxD, key, parts.num_columns)
-    weights_P, erased_P, report, noise = parts.solve(
-      y_PxC, sqnorm_PxC, received_PxD.dtype, received_PxD.shape[1]
-    )
-    if parts.num_selected is None:
-      total_D = jnp.real(combine_rows(weights_P, received_PxD, erased_P))
-    else:  # read only the selected rows (a fully erased group is refused by the vote)
-      total_D = _sum_selected(weights_P, received_PxD, parts.num_selected)
-    report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * jnp.linalg.norm(total_D)))
-    return contract.zero_if_not_ok(total_D / p, report.ok), report
+    projection = project(received_PxD, key, parts.num_columns)
+    weights_P, erased_P, report = parts.solve(projection, received_PxD.dtype, received_PxD.shape[1])
+    return combine(parts, weights_P, erased_P, report.ok, received_PxD), report
 
   return jax.jit(decode)

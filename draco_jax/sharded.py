@@ -12,11 +12,11 @@ combiner: each device receives (N−1)/N·P·D values. Sharded combining moves a
 2. The server on slices (:func:`make_slice_combiner`):
 
    * DRACO decoders: each device projects the slice it received with ``decode.project(...,
-     shard_index=i, num_shards=N)`` and the [P, C] projections and [P] scales are psum'd. The
-     projection is thus computed from the data the devices actually received, never reported by
-     a worker, so an adversary cannot lie about it. The small solve (locate, certify, weights)
-     runs on every device on the same psum'd values, each device combines its slice with the
-     weights, and the noise gate reads the psum of the slices' squared norms.
+     shard_index=i, num_shards=N)`` and the [P, C] projections, [P, C] scales and [P, P] Gram
+     estimate are psum'd. The projection is thus computed from the data the devices actually
+     received, never reported by a worker, so an adversary cannot lie about it. The small
+     solve (locate, certify, weights, the noise gates) runs on every device on the same psum'd
+     values, and each device combines its slice with the weights (or skips it if refused).
    * Baselines (``aggregators.make_sliced_aggregator``): coordinate-wise rules (mean, median,
      trimmed mean, Bulyan's second stage) run per slice; geometric median, Krum, Multi-Krum,
      Bulyan's selection and centered clipping psum partial squared norms and Gram matrices.
@@ -26,7 +26,7 @@ combiner: each device receives (N−1)/N·P·D values. Sharded combining moves a
    the mean stays sharded (e.g. for a sharded optimizer state).
 
 Per device and step that is (N−1)/N·(P·W + N·W) ≈ P·D/N + D values plus an all-reduce of
-P·(C+1) values, against (N−1)/N·P·D: the ratio is about 1/N + 1/P (``benchmarks/sharded_bench.py``
+P·(2C+P) values, against (N−1)/N·P·D: the ratio is about 1/N + 1/P (``benchmarks/sharded_bench.py``
 counts both from the collectives' shapes). Flagged rows and ok are device-invariant by type:
 shard_map's replication check (check_vma) accepts them as replicated outputs.
 
@@ -59,9 +59,6 @@ __all__ = [
   "make_sharded_combiner",
   "make_mesh_combiner",
 ]
-
-# decode.DecoderParts: an answer is refused when its rounding noise exceeds this, relative.
-_NOISE_LIMIT = 1e-4
 
 
 def _num_shards(num_workers: int, num_shards) -> int:
@@ -126,14 +123,10 @@ def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
       shard_index=jax.lax.axis_index(axis_name),
       num_shards=num_shards,
     )
-    y_PxC, sqnorm_PxC = jax.lax.psum(partial, axis_name)
-    weights_P, erased_P, report, noise = parts.solve(
-      y_PxC, sqnorm_PxC, slice_PxW.dtype, num_shards * slice_PxW.shape[1]
+    weights_P, erased_P, report = parts.solve(
+      jax.lax.psum(partial, axis_name), slice_PxW.dtype, num_shards * slice_PxW.shape[1]
     )
-    total_W = jnp.real(decode.combine_rows(weights_P, slice_PxW, erased_P))
-    norm = jnp.sqrt(jax.lax.psum(jnp.sum(jnp.square(total_W)), axis_name))
-    report = report._replace(ok=report.ok & (noise <= _NOISE_LIMIT * norm))
-    return contract.zero_if_not_ok(total_W / p, report.ok), report
+    return decode.combine(parts, weights_P, erased_P, report.ok, slice_PxW), report
 
   return decode_slices
 

@@ -463,6 +463,21 @@ def test_no_adversary_gives_the_plain_mean(name, p, s):
     assert _rel(mean_D, setup.truth_D) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["cyclic", "cyclic_paper", "repetition"])
+@pytest.mark.parametrize("p", [3, 8])
+def test_zero_adversaries_decode_the_mean_and_refuse_a_missing_row(name, p):
+  """S = 0 (R = 1): nothing to check, the mean itself; a missing row cannot be recovered."""
+  setup = _setup(name, p, 0, seed=23)
+  mean_D, report = setup.decoder(setup.sent_PxD, jax.random.key(0))
+  assert bool(report.ok) and not np.any(report.flagged)
+  assert _rel(mean_D, setup.truth_D) <= PRECISION
+  missing_PxD = setup.sent_PxD.copy()
+  missing_PxD[p - 1] = np.nan
+  mean_D, report = setup.decoder(missing_PxD, jax.random.key(0))
+  assert not bool(report.ok) and np.flatnonzero(report.flagged).tolist() == [p - 1]
+  assert np.all(np.asarray(mean_D) == 0)
+
+
 # Codes compiled above, and P = 32, S = 4, whose middle rows have 16x the median norm (a cap of
 # the median norm refused them). At D = 2^16 the certificate's noise tolerance is 64u.
 WIDE_CODES = [

@@ -267,17 +267,25 @@ def test_paper_code_random_placements_p16(name, p, s, group):
 
 # Largest S (among those tested below) up to which every trial decoded exactly: ok, error
 # <= 1e-5, changed rows flagged. Measured 2026-12-02 with this file's trials (float32
-# messages, D = 128, every attack incl. `tiny`). Random placements are exact at every tested S;
-# contiguous ones break down where the fit must extrapolate across the gap (draco-math §5.1):
-# at P = 32, S = 5 and 8 some are refused; at P = 63, S = 2 one `tiny` case is accepted with
-# an error of 1.3e-4; beyond, they are refused. Outside the region a decoder must refuse or
-# stay within 1e-3, never silently worse.
+# messages, D = 128), and re-measured over 15 keys x 7 attacks per (P, S, placement kind):
+# random placements are exact at every tested S, except that at P = 64 (outside the float32
+# envelope) about 1 trial in 100 is refused; contiguous ones break down where the fit must
+# extrapolate across the gap (draco-math §5.1): at P = 32, S = 5 about half are refused and
+# S = 5, 8 accept a few at 1.0-1.2e-5; at P = 63 every S >= 4 and at P = 64 most S >= 3 are
+# refused. Outside the region a decoder must refuse or stay within 1e-3, never silently worse.
 EXACT_MAX_S = {  # P: (random placements, contiguous placements)
   31: (15, 15),
   32: (15, 4),
   63: (31, 1),
   64: (31, 2),
 }
+# The `tiny` attack (errors of 1e-3·rms, near the certificate's resolution) is exact only up
+# to this P. Beyond it a tiny error in a row the fit barely checks (next to a located row,
+# leverage near 1) can pass the certificate: measured over 40 keys per (P, S, placement), every
+# trial is exact at P <= 31 (and at P <= 16 over all S), while at P = 32..64 up to 7 in 40
+# accepted trials are off by 1e-5..5e-4 (the most at P = 64, S = 2, contiguous). The earlier
+# threefry-drawn projection gives the same rates. Those are held to 1e-3 or refused.
+TINY_EXACT_MAX_P = 31
 _LARGE_DEFAULT = {(31, 3), (32, 8), (63, 4), (64, 16)}
 
 
@@ -315,7 +323,8 @@ def test_large_p_is_exact_in_its_region_and_never_silently_wrong(p, s):
   for (kind, cases), max_s in zip(_large_outcomes(p, s).items(), EXACT_MAX_S[p]):
     for attack, rows, out in cases:
       count += 1
-      good = _exact(out) if s <= max_s else not out.ok or out.err <= LOOSE
+      in_region = s <= max_s and (attack != "tiny" or p <= TINY_EXACT_MAX_P)
+      good = _exact(out) if in_region else not out.ok or out.err <= LOOSE
       if not good:
         failures.append(f"{kind}: " + _describe(attack, rows, out))
   _assert_none(count, failures)

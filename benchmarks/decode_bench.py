@@ -19,6 +19,13 @@ Usage:
   python -m benchmarks.decode_bench                      # the README table (several minutes)
   python -m benchmarks.decode_bench --quick              # P in {8, 16}, D = 2^16
   python -m benchmarks.decode_bench --aggregators=all    # add every (jitted) baseline aggregator
+  python -m benchmarks.decode_bench --stages             # each decoder split into its stages
+
+``--stages`` times each stage of both decoders as its own jitted call, against the same floor:
+"dispatch" (a jitted call that does nothing), "one row x2" (a jitted op that reads and writes one
+row: the fixed cost of one D-sized op), the projection with the decoder's C columns and
+with one, the P-sized solve, the combination, and the whole decoder. The stages' sum exceeds
+the whole by about one dispatch per extra call.
 """
 
 from __future__ import annotations
@@ -94,6 +101,41 @@ def run(ps, ds, aggregator_names, rounds: int):
   return rows
 
 
+def _stages(code: coding.Code, x_PxD: jax.Array, key) -> dict:
+  """(fn, args) per stage of ``code``'s decoder, each its own jitted call (see --stages)."""
+  parts = decode.decoder_parts(code)
+  d = x_PxD.shape[1]
+  project = jax.jit(lambda x, k, c: decode.project(x, k, c), static_argnums=2)
+  projection = project(x_PxD, key, parts.num_columns)
+  solve = jax.jit(lambda pr: parts.solve(pr, x_PxD.dtype, d))
+  weights_P, erased_P, report = solve(projection)
+  combine = jax.jit(lambda w, e, ok, x: decode.combine(parts, w, e, ok, x))
+  return {
+    "dispatch": (jax.jit(lambda k: k), (key,)),
+    "one row x2": (jax.jit(lambda x: x[0] * 2), (x_PxD,)),
+    f"project C={parts.num_columns}": (project, (x_PxD, key, parts.num_columns)),
+    "project C=1": (project, (x_PxD, key, 1)),
+    "solve": (solve, (projection,)),
+    "combine": (combine, (weights_P, erased_P, report.ok, x_PxD)),
+    "decode": (decode.make_decoder(code), (x_PxD, key)),
+  }
+
+
+def run_stages(ps, ds, rounds: int):
+  key = jax.random.key(0)
+  for p in ps:
+    for d in ds:
+      for code in (
+        coding.make_code("cyclic", p, max(1, p // 8)),
+        coding.make_code("repetition", _FRC_P[p], 1),
+      ):
+        x_PxD = received_messages(code, d, seed=p + d)
+        ratios, floor = interleaved_ratios(_stages(code, x_PxD, key), x_PxD, rounds=rounds)
+        cells = " ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
+        name = f"{code.name} P={code.num_workers} S={code.num_adversaries}"
+        print(f"{name:>20} D=2^{int(np.log2(d)):<2} floor {floor:.3f} ms | {cells}", flush=True)
+
+
 def _format_row(row, names) -> str:
   cells = [
     f"{row['P']:>3}",
@@ -116,6 +158,7 @@ def main():
   parser.add_argument(
     "--rounds", type=int, default=5, help="timing rounds (the floor is re-timed in each)"
   )
+  parser.add_argument("--stages", action="store_true", help="time each decoder stage")
   parser.add_argument(
     "--aggregators", default="", help="comma-separated aggregator names, or 'all'"
   )
@@ -127,6 +170,10 @@ def main():
 
     names = list(aggregators.AGGREGATORS)
   ps, ds = ((8, 16), (2**16,)) if args.quick else ((8, 16, 32, 64), (2**16, 2**20))
+  if args.stages:
+    print("ratios = median time of each stage / plain-sum floor, same round")
+    run_stages(ps, ds, args.rounds)
+    return
   header = ["P", "S", "D", "floor ms", "two reads", "cyclic", "repetition"] + [
     f"{n} (vs cyclic)" for n in names
   ]

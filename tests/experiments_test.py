@@ -228,7 +228,12 @@ def test_offline_tiny_runs_every_method_and_reports(tmp_path, timing_file):
   assert before == after and report.load_rows(path) == rows
 
 
-@pytest.mark.parametrize("name", MOCKED_PRESETS)
+# cifar10_vgg shares cifar10_resnet18's data path and its model is covered by models_test; at
+# 45-95 s it is the slowest default test, so it runs with the slow ones.
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10_vgg" else n for n in MOCKED_PRESETS],
+)
 def test_gpu_preset_runs_tiny_under_mock_data(name, tmp_path, timing_file):
   data_dir = str(tmp_path / "tfds")
   with tfds.testing.mock_data(num_examples=32):

@@ -43,6 +43,11 @@ from experiments.combine_timing import interleaved_ratios, received_messages
 _FRC_P = {8: 9, 16: 15, 32: 33, 64: 63}
 
 
+def _codes(p: int) -> tuple[coding.Code, coding.Code]:
+  """The two codes benchmarked at size P: cyclic with S = max(1, P/8), repetition at _FRC_P."""
+  return coding.make_code("cyclic", p, max(1, p // 8)), coding.make_code("repetition", _FRC_P[p], 1)
+
+
 @jax.jit
 def _two_reads(x_PxD: jax.Array):
   """The two passes a decoder cannot avoid, and nothing else: a one-column projection and a
@@ -69,9 +74,9 @@ def run(ps, ds, aggregator_names, rounds: int):
   rows = []
   key = jax.random.key(0)
   for p in ps:
-    s = max(1, p // 8)
+    cyclic, frc = _codes(p)
+    s = cyclic.num_adversaries
     for d in ds:
-      cyclic = coding.make_code("cyclic", p, s)
       x_PxD = received_messages(cyclic, d, seed=p + d)
       candidates = {
         "cyclic": (decode.make_decoder(cyclic), (x_PxD, key)),
@@ -86,13 +91,12 @@ def run(ps, ds, aggregator_names, rounds: int):
         else:
           candidates[name] = (agg, (x_unc, key))
       ratios, floor = interleaved_ratios(candidates, x_PxD, rounds=rounds)
-      frc = coding.make_code("repetition", _FRC_P[p], 1)
       x_frc = received_messages(frc, d, seed=p * d)
       frc_ratios, _ = interleaved_ratios(
         {"repetition": (decode.make_decoder(frc), (x_frc, key))}, x_frc, rounds=rounds
       )
       row = {"P": p, "S": s, "D": d, "floor_ms": floor, **ratios, **frc_ratios}
-      row["repetition_P"] = _FRC_P[p]
+      row["repetition_P"] = frc.num_workers
       for name in aggregator_names:
         row[name + "_vs_cyclic"] = None if name in skipped else row[name] / row["cyclic"]
         row.setdefault(name, None)
@@ -105,7 +109,7 @@ def _stages(code: coding.Code, x_PxD: jax.Array, key) -> dict:
   """(fn, args) per stage of ``code``'s decoder, each its own jitted call (see --stages)."""
   parts = decode.decoder_parts(code)
   d = x_PxD.shape[1]
-  project = jax.jit(lambda x, k, c: decode.project(x, k, c), static_argnums=2)
+  project = jax.jit(decode.project, static_argnums=2)
   projection = project(x_PxD, key, parts.num_columns)
   solve = jax.jit(lambda pr: parts.solve(pr, x_PxD.dtype, d))
   weights_P, erased_P, report = solve(projection)
@@ -125,10 +129,7 @@ def run_stages(ps, ds, rounds: int):
   key = jax.random.key(0)
   for p in ps:
     for d in ds:
-      for code in (
-        coding.make_code("cyclic", p, max(1, p // 8)),
-        coding.make_code("repetition", _FRC_P[p], 1),
-      ):
+      for code in _codes(p):
         x_PxD = received_messages(code, d, seed=p + d)
         ratios, floor = interleaved_ratios(_stages(code, x_PxD, key), x_PxD, rounds=rounds)
         cells = " ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
@@ -171,6 +172,8 @@ def main():
     names = list(aggregators.AGGREGATORS)
   ps, ds = ((8, 16), (2**16,)) if args.quick else ((8, 16, 32, 64), (2**16, 2**20))
   if args.stages:
+    if names:
+      parser.error(f"--stages times the DRACO decoders only; drop --aggregators={args.aggregators}")
     print("ratios = median time of each stage / plain-sum floor, same round")
     run_stages(ps, ds, args.rounds)
     return

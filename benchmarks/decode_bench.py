@@ -2,10 +2,11 @@ r"""Decode / aggregation cost as ratios to a plain sum, measured side by side in
 
 For each P and D, every combiner (DRACO decoders and the baseline aggregators) is timed on the
 same float32 array of received messages (S rows reversed x(-100)), and its median time is divided
-by the median time of the plain-sum floor, timed in the same round (five rounds; the table
-gives the median ratio): the faster of ``np.sum(x, 0)`` and a jitted
-``jnp.ones(P) @ x`` (a jitted ``jnp.sum(x, 0)`` is 55-100x slower on XLA CPU and would flatter
-every ratio). Absolute times are noisy on shared machines; the ratios are the result.
+by the median time of the plain-sum floor, timed in the same round (five rounds of 25 calls
+per timing, at most 1 s each; the table gives the median ratio): the faster of
+``np.sum(x, 0)`` and a jitted ``jnp.ones(P) @ x`` (a jitted ``jnp.sum(x, 0)`` is 55-100x slower
+on XLA CPU and would flatter every ratio). Absolute times are noisy on shared machines; the
+ratios are the result.
 
 "two reads" is the cost of the two passes over the messages that any decoder of this kind
 needs (a projection, then a weighted sum whose weights depend on it), with nothing else: a
@@ -70,7 +71,7 @@ def _aggregators(names, p: int, s: int):
   return out
 
 
-def run(ps, ds, aggregator_names, rounds: int):
+def run(ps, ds, aggregator_names, rounds: int, calls: int = 25):
   rows = []
   key = jax.random.key(0)
   for p in ps:
@@ -90,10 +91,10 @@ def run(ps, ds, aggregator_names, rounds: int):
           skipped.append(name)
         else:
           candidates[name] = (agg, (x_unc, key))
-      ratios, floor = interleaved_ratios(candidates, x_PxD, rounds=rounds)
+      ratios, floor = interleaved_ratios(candidates, x_PxD, rounds=rounds, calls=calls)
       x_frc = received_messages(frc, d, seed=p * d)
       frc_ratios, _ = interleaved_ratios(
-        {"repetition": (decode.make_decoder(frc), (x_frc, key))}, x_frc, rounds=rounds
+        {"repetition": (decode.make_decoder(frc), (x_frc, key))}, x_frc, rounds=rounds, calls=calls
       )
       row = {"P": p, "S": s, "D": d, "floor_ms": floor, **ratios, **frc_ratios}
       row["repetition_P"] = frc.num_workers
@@ -125,13 +126,14 @@ def _stages(code: coding.Code, x_PxD: jax.Array, key) -> dict:
   }
 
 
-def run_stages(ps, ds, rounds: int):
+def run_stages(ps, ds, rounds: int, calls: int = 25):
   key = jax.random.key(0)
   for p in ps:
     for d in ds:
       for code in _codes(p):
         x_PxD = received_messages(code, d, seed=p + d)
-        ratios, floor = interleaved_ratios(_stages(code, x_PxD, key), x_PxD, rounds=rounds)
+        stages = _stages(code, x_PxD, key)
+        ratios, floor = interleaved_ratios(stages, x_PxD, rounds=rounds, calls=calls)
         cells = " ".join(f"{name} {ratio:.2f}" for name, ratio in ratios.items())
         name = f"{code.name} P={code.num_workers} S={code.num_adversaries}"
         print(f"{name:>20} D=2^{int(np.log2(d)):<2} floor {floor:.3f} ms | {cells}", flush=True)
@@ -159,6 +161,9 @@ def main():
   parser.add_argument(
     "--rounds", type=int, default=5, help="timing rounds (the floor is re-timed in each)"
   )
+  parser.add_argument(
+    "--calls", type=int, default=25, help="blocked calls per timing, at most 1 s (their median)"
+  )
   parser.add_argument("--stages", action="store_true", help="time each decoder stage")
   parser.add_argument(
     "--aggregators", default="", help="comma-separated aggregator names, or 'all'"
@@ -175,7 +180,7 @@ def main():
     if names:
       parser.error(f"--stages times the DRACO decoders only; drop --aggregators={args.aggregators}")
     print("ratios = median time of each stage / plain-sum floor, same round")
-    run_stages(ps, ds, args.rounds)
+    run_stages(ps, ds, args.rounds, args.calls)
     return
   header = ["P", "S", "D", "floor ms", "two reads", "cyclic", "repetition"] + [
     f"{n} (vs cyclic)" for n in names
@@ -183,7 +188,7 @@ def main():
   print("ratios = median time / plain-sum floor (faster of np.sum(x,0) and jnp.ones(P)@x)")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
-  run(ps, ds, names, args.rounds)
+  run(ps, ds, names, args.rounds, args.calls)
 
 
 if __name__ == "__main__":

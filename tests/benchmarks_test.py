@@ -1,0 +1,53 @@
+"""Smoke tests for benchmarks/: the decode benchmark runs end to end at a tiny size.
+
+The ratios themselves are measurements, not test results (timed tests would be flaky on a
+shared machine); what is checked is that every column is produced, finite and positive, so
+the README's benchmark command keeps working.
+"""
+
+import math
+
+import jax
+import pytest
+
+from benchmarks import decode_bench
+
+
+def test_table_row_has_every_combiner(capsys):
+  (row,) = decode_bench.run([8], [2**10], ["krum"], rounds=1, calls=3)
+  for name in ("two_reads", "cyclic", "repetition", "krum", "krum_vs_cyclic"):
+    assert math.isfinite(row[name]) and row[name] > 0, (name, row[name])
+  assert (row["P"], row["S"], row["D"], row["repetition_P"]) == (8, 1, 2**10, 9)
+  line = capsys.readouterr().out.strip()
+  assert line.startswith("|   8 |  1 | 2^10 |") and line.count("|") == 9
+
+
+def test_stages_cover_both_decoders(capsys):
+  decode_bench.run_stages([8], [2**10], rounds=1, calls=3)
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [line.split()[0] for line in lines] == ["cyclic", "repetition"]
+  for line in lines:
+    for stage in ("dispatch", "project C=4", "project C=1", "solve", "combine", "decode"):
+      assert f"{stage} " in line, (stage, line)
+
+
+def test_stages_stage_results_match_the_decoder():
+  """The stages are the decoder split at its passes: recombined, they give its answer."""
+  code = decode_bench._codes(8)[0]
+  x_PxD = decode_bench.received_messages(code, 2**10, seed=3)
+  key = jax.random.key(1)
+  stages = decode_bench._stages(code, x_PxD, key)
+  project, project_args = stages["project C=4"]
+  solve, _ = stages["solve"]
+  combine, _ = stages["combine"]
+  weights_P, erased_P, report = solve(project(*project_args))
+  mean_D = combine(weights_P, erased_P, report.ok, x_PxD)
+  expected_D, expected_report = stages["decode"][0](x_PxD, key)
+  assert bool(report.ok) and bool(expected_report.ok)
+  assert jax.numpy.allclose(mean_D, expected_D, rtol=1e-6, atol=1e-6)
+
+
+def test_stages_refuse_aggregators(monkeypatch):
+  monkeypatch.setattr("sys.argv", ["decode_bench", "--stages", "--aggregators=krum"])
+  with pytest.raises(SystemExit):
+    decode_bench.main()

@@ -537,9 +537,9 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
     nxt = erased_cur.at[_peel_suspect(c, y, erased_cur, keep)].set(True)
     return i + 1, (nxt, *candidate(nxt))
 
-  # A while loop, not S rounds that each test ok: those copy the loop state (the fit's
-  # P x P matrices) every round even when the first candidate is certified (measured at
-  # P = 64: half of this function's time).
+  # A while loop, not S rounds that each test ok: those copied the loop state (the fit's
+  # P x P matrices) every round even when the first candidate was certified (measured at
+  # P = 64, D = 2^16: this function went from about 410 to 320-380 µs).
   _, (_, _, agree, ok, fit) = jax.lax.while_loop(refused, peel, (0, (erased, *candidate(erased))))
   weights = _weights(c, agree, fit)
   # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and

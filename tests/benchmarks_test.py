@@ -26,8 +26,9 @@ def test_stages_cover_both_decoders(capsys):
   decode_bench.run_stages([8], [2**10], rounds=1, calls=3)
   lines = capsys.readouterr().out.strip().splitlines()
   assert [line.split()[0] for line in lines] == ["cyclic", "repetition"]
-  for line in lines:
-    for stage in ("dispatch", "project C=4", "project C=1", "solve", "combine", "decode"):
+  for line, code in zip(lines, decode_bench._codes(8)):
+    columns = decode_bench.decode.decoder_parts(code).num_columns
+    for stage in ("dispatch", f"project C={columns}", "project C=1", "solve", "combine", "decode"):
       assert f"{stage} " in line, (stage, line)
 
 
@@ -37,7 +38,7 @@ def test_stages_stage_results_match_the_decoder():
   x_PxD = decode_bench.received_messages(code, 2**10, seed=3)
   key = jax.random.key(1)
   stages = decode_bench._stages(code, x_PxD, key)
-  project, project_args = stages["project C=4"]
+  project, project_args = stages[f"project C={decode_bench.decode.decoder_parts(code).num_columns}"]
   solve, _ = stages["solve"]
   combine, _ = stages["combine"]
   weights_P, erased_P, report = solve(project(*project_args))

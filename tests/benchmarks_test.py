@@ -8,9 +8,16 @@ the README's benchmark command keeps working.
 import math
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import decode_bench
+from draco_jax import decode
+from experiments.combine_timing import received_messages
+
+
+def _project_stage(code) -> str:
+  return f"project C={decode.decoder_parts(code).num_columns}"
 
 
 def test_table_row_has_every_combiner(capsys):
@@ -27,25 +34,24 @@ def test_stages_cover_both_decoders(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   assert [line.split()[0] for line in lines] == ["cyclic", "repetition"]
   for line, code in zip(lines, decode_bench._codes(8)):
-    columns = decode_bench.decode.decoder_parts(code).num_columns
-    for stage in ("dispatch", f"project C={columns}", "project C=1", "solve", "combine", "decode"):
+    for stage in ("dispatch", _project_stage(code), "project C=1", "solve", "combine", "decode"):
       assert f"{stage} " in line, (stage, line)
 
 
 def test_stages_stage_results_match_the_decoder():
   """The stages are the decoder split at its passes: recombined, they give its answer."""
   code = decode_bench._codes(8)[0]
-  x_PxD = decode_bench.received_messages(code, 2**10, seed=3)
+  x_PxD = received_messages(code, 2**10, seed=3)
   key = jax.random.key(1)
   stages = decode_bench._stages(code, x_PxD, key)
-  project, project_args = stages[f"project C={decode_bench.decode.decoder_parts(code).num_columns}"]
+  project, project_args = stages[_project_stage(code)]
   solve, _ = stages["solve"]
   combine, _ = stages["combine"]
   weights_P, erased_P, report = solve(project(*project_args))
   mean_D = combine(weights_P, erased_P, report.ok, x_PxD)
   expected_D, expected_report = stages["decode"][0](x_PxD, key)
   assert bool(report.ok) and bool(expected_report.ok)
-  assert jax.numpy.allclose(mean_D, expected_D, rtol=1e-6, atol=1e-6)
+  assert jnp.allclose(mean_D, expected_D, rtol=1e-6, atol=1e-6)
 
 
 def test_stages_refuse_aggregators(monkeypatch):

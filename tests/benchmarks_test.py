@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import decode_bench
+from benchmarks import certificate_probe, decode_bench
 from draco_jax import decode
 from experiments.combine_timing import received_messages
 
@@ -58,3 +58,12 @@ def test_stages_refuse_aggregators(monkeypatch):
   monkeypatch.setattr("sys.argv", ["decode_bench", "--stages", "--aggregators=krum"])
   with pytest.raises(SystemExit):
     decode_bench.main()
+
+
+def test_certificate_probe_within_capacity_is_exact_and_over_it_refused():
+  """Both probe modes run; at P = 8 (exact, tested exhaustively) and P = 16, S = 7 (over
+  capacity: every one of 3000 fresh trials refused, README) their lines state just that."""
+  (within,) = certificate_probe.probe_within([(8, 3)], trials=16, seed=0)
+  assert within.startswith("within cyclic P= 8 S= 3: 16 trials, accepted 1.000, silent 0"), within
+  (over,) = certificate_probe.probe_over([(16, 7)], trials=4, seed=0, alphas=(1e-3,))
+  assert over.startswith("over P=16 S= 7 alpha=1e-03: 4 trials, accepted 0.000, silent 0"), over

@@ -9,7 +9,8 @@ answers (``ok``) off by more than 1e-3, relative: the issue's "never a silent er
 Two modes:
   within   at most S bad rows (random or contiguous), every attack of the tests, for the
            cyclic code or (``--code repetition``) the repetition code;
-  over     S+1 contiguous bad rows, each carrying Gaussian errors of ``alpha`` x its rms,
+  over     S+1 contiguous bad rows, each carrying Gaussian errors of ``alpha`` x its rms
+           (the tests' ``tiny`` attack at scale alpha),
            for alpha in {1e-3, 3e-3, 1e-2}: errors near the certificate's resolution, beyond
            the code's capacity (see README, "More than S bad rows").
 
@@ -88,17 +89,6 @@ def probe_within(cases, trials: int, seed: int, name: str = "cyclic") -> list[st
   return lines
 
 
-def _perturbed(alpha, rng):
-  def make_received(sent_PxD, mask_P):
-    received_PxD = sent_PxD.copy()
-    bad_NxD = sent_PxD[mask_P].astype(np.float64)
-    rms_N = np.sqrt(np.mean(bad_NxD**2, axis=1, keepdims=True))
-    received_PxD[mask_P] = bad_NxD + alpha * rms_N * rng.standard_normal(bad_NxD.shape)
-    return received_PxD
-
-  return make_received
-
-
 def probe_over(cases, trials: int, seed: int, alphas=ALPHAS) -> list[str]:
   """S+1 contiguous bad rows with errors of alpha x their rms."""
   rng = np.random.default_rng(seed)
@@ -106,7 +96,13 @@ def probe_over(cases, trials: int, seed: int, alphas=ALPHAS) -> list[str]:
   for (p, s), alpha in ((case, alpha) for case in cases for alpha in alphas):
     outcomes = [
       _trial(
-        p, s, reference._contiguous(p, s + 1, int(rng.integers(p))), _perturbed(alpha, rng), rng
+        p,
+        s,
+        reference._contiguous(p, s + 1, int(rng.integers(p))),
+        lambda sent, mask, alpha=alpha: reference._attack(
+          "tiny", sent, mask, rng, tiny_scale=alpha
+        ),
+        rng,
       )
       for _ in range(trials)
     ]
@@ -118,15 +114,18 @@ def probe_over(cases, trials: int, seed: int, alphas=ALPHAS) -> list[str]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--mode", choices=("within", "over"), required=True)
-  parser.add_argument("--code", choices=tuple(WITHIN_CASES), default="cyclic", help="within only")
+  parser.add_argument("--code", choices=tuple(WITHIN_CASES), help="within only (default cyclic)")
   parser.add_argument("--trials", type=int, default=300, help="fresh trials per case")
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   if args.trials < 1:
     raise ValueError(f"--trials must be >= 1, got {args.trials}")
+  if args.mode == "over" and args.code is not None:
+    raise ValueError(f"--code {args.code} applies to --mode within only (over probes cyclic)")
   warnings.filterwarnings("ignore")
   if args.mode == "within":
-    probe_within(WITHIN_CASES[args.code], args.trials, args.seed, args.code)
+    code = args.code or "cyclic"
+    probe_within(WITHIN_CASES[code], args.trials, args.seed, code)
   else:
     probe_over(OVER_CASES, args.trials, args.seed)
 

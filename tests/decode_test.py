@@ -80,8 +80,11 @@ def _noise(rng, shape, cplx):
   return x + 1j * rng.standard_normal(shape) if cplx else x
 
 
-def _attack(name, sent_PxD, mask_P, rng):
-  """Numpy attacks of draco-math §6 on the masked rows (cyclic codes: z - 100z for rev_grad)."""
+def _attack(name, sent_PxD, mask_P, rng, tiny_scale=1e-3):
+  """Numpy attacks of draco-math §6 on the masked rows (cyclic codes: z - 100z for rev_grad).
+
+  ``tiny`` adds ``tiny_scale``·rms(row)·N(0, 1) to each bad row.
+  """
   bad_NxD = sent_PxD[mask_P].astype(np.complex128 if np.iscomplexobj(sent_PxD) else np.float64)
   shape, cplx = bad_NxD.shape, np.iscomplexobj(sent_PxD)
   if name == "rev_grad":
@@ -92,7 +95,7 @@ def _attack(name, sent_PxD, mask_P, rng):
     new = (1e30 if name == "huge" else 1e12) * _noise(rng, shape, cplx)
   elif name == "tiny":
     rms_N = np.sqrt(np.mean(np.abs(bad_NxD) ** 2, axis=1, keepdims=True))
-    new = bad_NxD + 1e-3 * rms_N * _noise(rng, shape, cplx)
+    new = bad_NxD + tiny_scale * rms_N * _noise(rng, shape, cplx)
   elif name in ("nan", "inf"):
     new = bad_NxD.copy()
     new[rng.random(shape) < 0.1] = np.nan if name == "nan" else np.inf

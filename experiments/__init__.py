@@ -1,7 +1,7 @@
 """Experiments: one config file per experiment, a runner and a report.
 
-Presets (``experiments.presets.PRESETS``), each a module whose docstring says what it
-reproduces, the command, the expected result and runtime:
+Presets (``experiments.presets.PRESETS``), each a :class:`~experiments.grid.Preset` record in
+a module whose docstring says what it reproduces, the command, the expected result and runtime:
 
 * ``offline``: sklearn digits, a 64-256-256-10 MLP, P = 15 (2 CPU cores, 3-8 minutes).
 * ``mnist_fc``: MNIST, the paper's 784-800-500-10 MLP (GPU hosts; needs prepared MNIST).

@@ -26,38 +26,30 @@ residual stage, two methods, a few steps).
 from __future__ import annotations
 
 from draco_jax.config import TrainConfig
-from experiments import grid
+from experiments.grid import Preset
 
-__all__ = ["BASE", "TINY", "ATTACKS", "ADVERSARIES", "TARGET_ACCURACY", "get_grid"]
+__all__ = ["PRESET"]
 
-BASE = TrainConfig(
-  dataset="cifar10",
-  model="resnet18",
-  optimizer="momentum",
-  learning_rate=0.05,
-  steps=2000,
-  eval_every=100,
+PRESET = Preset(
+  name="cifar10_resnet18",
+  doc=__doc__,
+  base=TrainConfig(
+    dataset="cifar10",
+    model="resnet18",
+    optimizer="momentum",
+    learning_rate=0.05,
+    steps=2000,
+    eval_every=100,
+  ),
+  tiny={
+    "model_options": {"width": 4, "stage_sizes": (1,)},
+    "batch_per_partition": 2,
+    "steps": 2,
+    "eval_every": 1,
+    "num_devices": 1,
+  },
+  attacks=("reverse_gradient", "constant"),
+  adversaries=(1, 2),
+  target_accuracy=0.6,
+  tiny_methods=("draco_cyclic", "geometric_median"),
 )
-TINY = {
-  "model_options": {"width": 4, "stage_sizes": (1,)},
-  "batch_per_partition": 2,
-  "steps": 2,
-  "eval_every": 1,
-  "num_devices": 1,
-}
-TINY_METHODS = ("draco_cyclic", "geometric_median")
-ATTACKS = ("reverse_gradient", "constant")
-ADVERSARIES = (1, 2)
-TARGET_ACCURACY = 0.6
-
-
-def get_grid(tiny: bool = False) -> list[grid.Run]:
-  """The runs of this experiment (reference first); ``tiny`` shrinks it for tests."""
-  return grid.preset_grid(
-    BASE,
-    tiny=tiny,
-    tiny_overrides=TINY,
-    attacks=ATTACKS,
-    adversaries=ADVERSARIES,
-    tiny_methods=TINY_METHODS,
-  )

@@ -18,26 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments import cifar10_resnet18, grid
+from experiments import cifar10_resnet18
 
-__all__ = ["BASE", "TINY", "ATTACKS", "ADVERSARIES", "TARGET_ACCURACY", "get_grid"]
+__all__ = ["PRESET"]
 
-BASE = dataclasses.replace(cifar10_resnet18.BASE, model="vgg")
-TINY = {**cifar10_resnet18.TINY, "model_options": {"depth": 11, "width": 1 / 16}}
-# VGG compiles slowly on CPU; the ResNet test covers the baselines with a conv net.
-TINY_METHODS = ("draco_cyclic",)
-ATTACKS = cifar10_resnet18.ATTACKS
-ADVERSARIES = cifar10_resnet18.ADVERSARIES
-TARGET_ACCURACY = cifar10_resnet18.TARGET_ACCURACY
-
-
-def get_grid(tiny: bool = False) -> list[grid.Run]:
-  """The runs of this experiment (reference first); ``tiny`` shrinks it for tests."""
-  return grid.preset_grid(
-    BASE,
-    tiny=tiny,
-    tiny_overrides=TINY,
-    attacks=ATTACKS,
-    adversaries=ADVERSARIES,
-    tiny_methods=TINY_METHODS,
-  )
+_RESNET = cifar10_resnet18.PRESET
+PRESET = dataclasses.replace(
+  _RESNET,
+  name="cifar10_vgg",
+  doc=__doc__,
+  base=dataclasses.replace(_RESNET.base, model="vgg"),
+  tiny={**_RESNET.tiny, "model_options": {"depth": 11, "width": 1 / 16}},
+  # VGG compiles slowly on CPU; the ResNet test covers the baselines with a conv net.
+  tiny_methods=("draco_cyclic",),
+)

@@ -1,10 +1,8 @@
 """The methods a comparison preset runs, and the grid of (method, TrainConfig) it is made of.
 
-A preset module (``experiments/offline.py`` and its siblings) is a config file in the big_vision
-sense: its docstring names what it reproduces, the command, the expected result and runtime; it
-holds ``BASE`` (a :class:`~draco_jax.config.TrainConfig` that overrides only what differs from
-the default), ``TINY`` (what tests shrink on top of ``BASE``), the attacks and adversary counts
-it sweeps, a ``TARGET_ACCURACY`` for the time-to-accuracy table, and ``get_grid(tiny)``.
+A preset is one :class:`Preset` record: the base config (overriding only what differs from
+the default), what tests shrink, the attacks and adversary counts it sweeps and the target
+accuracy of its time-to-accuracy table; ``Preset.grid(tiny)`` is its list of runs.
 
 Every method under every (attack, S) is one run; the adversary-free reference (plain mean, no
 attack) is one more run shared by every panel: DRACO's accuracy curve must equal it.
@@ -13,7 +11,7 @@ attack) is one more run shared by every panel: DRACO's accuracy curve must equal
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 from draco_jax import aggregators
@@ -29,7 +27,7 @@ __all__ = [
   "reference_config",
   "infeasible",
   "comparison_grid",
-  "preset_grid",
+  "Preset",
 ]
 
 # How each method is built: the code and its combiner (DRACO decoders need a real code).
@@ -112,22 +110,38 @@ def comparison_grid(
   return runs
 
 
-def preset_grid(
-  base: TrainConfig,
-  *,
-  tiny: bool,
-  tiny_overrides: dict,
-  attacks: Sequence[str],
-  adversaries: Sequence[int],
-  tiny_methods: Sequence[str] = tuple(METHODS),
-) -> list[Run]:
-  """A preset's grid: the full comparison, or (``tiny``) ``tiny_methods`` on the first panel
-  of a ``base`` shrunk by ``tiny_overrides``."""
-  if not tiny:
-    return comparison_grid(base, attacks=attacks, adversaries=adversaries)
-  return comparison_grid(
-    dataclasses.replace(base, **tiny_overrides),
-    methods=tiny_methods,
-    attacks=attacks[:1],
-    adversaries=adversaries[:1],
-  )
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """One comparison experiment.
+
+  Attributes:
+    name: the registry key (``python -m experiments.run NAME``).
+    doc: what it reproduces, the command, the expected result and runtime.
+    base: the :class:`TrainConfig`, overriding only what differs from the default.
+    tiny: what tests shrink on top of ``base`` (a few steps of a tiny model).
+    attacks: the attacks it sweeps.
+    adversaries: the adversary counts S it sweeps.
+    target_accuracy: the test accuracy of the time-to-accuracy table.
+    tiny_methods: the methods of the tiny grid (the full grid runs every method).
+  """
+
+  name: str
+  doc: str
+  base: TrainConfig
+  tiny: Mapping
+  attacks: tuple[str, ...]
+  adversaries: tuple[int, ...]
+  target_accuracy: float
+  tiny_methods: tuple[str, ...] = tuple(METHODS)
+
+  def grid(self, tiny: bool = False) -> list[Run]:
+    """The runs (reference first): the full comparison, or (``tiny``) ``tiny_methods`` on the
+    first panel of ``base`` shrunk by ``tiny``."""
+    if not tiny:
+      return comparison_grid(self.base, attacks=self.attacks, adversaries=self.adversaries)
+    return comparison_grid(
+      dataclasses.replace(self.base, **self.tiny),
+      methods=self.tiny_methods,
+      attacks=self.attacks[:1],
+      adversaries=self.adversaries[:1],
+    )

@@ -25,38 +25,30 @@ with ``--tiny`` (a 16-unit net, two methods, a few steps).
 from __future__ import annotations
 
 from draco_jax.config import TrainConfig
-from experiments import grid
+from experiments.grid import Preset
 
-__all__ = ["BASE", "TINY", "ATTACKS", "ADVERSARIES", "TARGET_ACCURACY", "get_grid"]
+__all__ = ["PRESET"]
 
-BASE = TrainConfig(
-  dataset="mnist",
-  model_options={"hidden": (800, 500)},
-  learning_rate=1e-3,
-  batch_per_partition=16,
-  steps=1000,
-  eval_every=50,
+PRESET = Preset(
+  name="mnist_fc",
+  doc=__doc__,
+  base=TrainConfig(
+    dataset="mnist",
+    model_options={"hidden": (800, 500)},
+    learning_rate=1e-3,
+    batch_per_partition=16,
+    steps=1000,
+    eval_every=50,
+  ),
+  tiny={
+    "model_options": {"hidden": (16,)},
+    "batch_per_partition": 2,
+    "steps": 4,
+    "eval_every": 2,
+    "num_devices": 1,
+  },
+  attacks=("reverse_gradient", "constant"),
+  adversaries=(1, 2),
+  target_accuracy=0.95,
+  tiny_methods=("draco_cyclic", "geometric_median"),
 )
-TINY = {
-  "model_options": {"hidden": (16,)},
-  "batch_per_partition": 2,
-  "steps": 4,
-  "eval_every": 2,
-  "num_devices": 1,
-}
-TINY_METHODS = ("draco_cyclic", "geometric_median")
-ATTACKS = ("reverse_gradient", "constant")
-ADVERSARIES = (1, 2)
-TARGET_ACCURACY = 0.95
-
-
-def get_grid(tiny: bool = False) -> list[grid.Run]:
-  """The runs of this experiment (reference first); ``tiny`` shrinks it for tests."""
-  return grid.preset_grid(
-    BASE,
-    tiny=tiny,
-    tiny_overrides=TINY,
-    attacks=ATTACKS,
-    adversaries=ADVERSARIES,
-    tiny_methods=TINY_METHODS,
-  )

@@ -33,20 +33,17 @@ combiner timing sweep in 1-2 minutes), depending on what else the machine runs.
 from __future__ import annotations
 
 from draco_jax.config import TrainConfig
-from experiments import grid
+from experiments.grid import Preset
 
-__all__ = ["BASE", "TINY", "ATTACKS", "ADVERSARIES", "TARGET_ACCURACY", "get_grid"]
+__all__ = ["PRESET"]
 
-BASE = TrainConfig(model_options={"hidden": (256, 256)}, steps=100, eval_every=5)
-# Tests: a tiny model, a few steps on one device, one panel (every method still runs).
-TINY = {"model_options": {"hidden": (16,)}, "steps": 6, "eval_every": 3, "num_devices": 1}
-ATTACKS = ("reverse_gradient", "constant")
-ADVERSARIES = (1, 2)
-TARGET_ACCURACY = 0.95
-
-
-def get_grid(tiny: bool = False) -> list[grid.Run]:
-  """The runs of this experiment (reference first); ``tiny`` shrinks it for tests."""
-  return grid.preset_grid(
-    BASE, tiny=tiny, tiny_overrides=TINY, attacks=ATTACKS, adversaries=ADVERSARIES
-  )
+PRESET = Preset(
+  name="offline",
+  doc=__doc__,
+  base=TrainConfig(model_options={"hidden": (256, 256)}, steps=100, eval_every=5),
+  # Tests: a tiny model, a few steps on one device, one panel (every method still runs).
+  tiny={"model_options": {"hidden": (16,)}, "steps": 6, "eval_every": 3, "num_devices": 1},
+  attacks=("reverse_gradient", "constant"),
+  adversaries=(1, 2),
+  target_accuracy=0.95,
+)

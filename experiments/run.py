@@ -248,11 +248,11 @@ def run_preset(
 ) -> str:
   """Runs preset ``name`` into ``out``; returns the path of its ``results.jsonl``."""
   preset = get_preset(name)
-  runs = preset.get_grid(tiny)
+  runs = preset.grid(tiny)
   if data_dir is not None:
     runs = [grid.Run(r.method, dataclasses.replace(r.config, data_dir=data_dir)) for r in runs]
   os.makedirs(out, exist_ok=True)
-  rows = run_grid(runs, out, preset=name, target=preset.TARGET_ACCURACY, progress=progress)
+  rows = run_grid(runs, out, preset=name, target=preset.target_accuracy, progress=progress)
   path = os.path.join(out, "results.jsonl")
   with open(path, "w") as f:
     f.writelines(json.dumps(row) + "\n" for row in rows)

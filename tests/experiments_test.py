@@ -31,26 +31,26 @@ MOCKED_PRESETS = ("mnist_fc", "cifar10_resnet18", "cifar10_vgg")
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_preset_is_a_documented_config_file(name):
   preset = PRESETS[name]
-  doc = preset.__doc__
+  doc = preset.doc
   assert f"python -m experiments.run {name}" in doc and "python -m experiments.report" in doc
   assert "Expected result" in doc and "Runtime" in doc
   default = TrainConfig()
   deltas = [
     f.name
     for f in dataclasses.fields(TrainConfig)
-    if getattr(preset.BASE, f.name) != getattr(default, f.name)
+    if getattr(preset.base, f.name) != getattr(default, f.name)
   ]
   assert 0 < len(deltas) <= 8, deltas  # BASE overrides only what differs from the default
-  assert 0 < preset.TARGET_ACCURACY < 1
+  assert 0 < preset.target_accuracy < 1
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_full_grid_compares_every_method_on_every_panel(name):
   preset = PRESETS[name]
-  runs = preset.get_grid()
+  runs = preset.grid()
   assert runs[0].method == grid.REFERENCE and runs[0].config.active_adversaries == 0
   panels = {(r.config.attack, r.config.num_adversaries) for r in runs[1:]}
-  assert panels == {(a, s) for a in preset.ATTACKS for s in preset.ADVERSARIES}
+  assert panels == {(a, s) for a in preset.attacks for s in preset.adversaries}
   for attack, s in panels:  # P = 15 allows every method for S in {1, 2}
     methods = {r.method for r in runs if (r.config.attack, r.config.num_adversaries) == (attack, s)}
     assert methods == set(grid.METHODS), (attack, s)
@@ -238,7 +238,7 @@ def test_gpu_preset_runs_tiny_under_mock_data(name, tmp_path, timing_file):
   data_dir = str(tmp_path / "tfds")
   with tfds.testing.mock_data(num_examples=32):
     path = run.run_preset(name, str(tmp_path), tiny=True, data_dir=data_dir, progress=False)
-  methods = PRESETS[name].TINY_METHODS
+  methods = PRESETS[name].tiny_methods
   rows = _check_results(path, methods)
   assert {row["attack"] for row in rows} == {"none", "reverse_gradient"}
   _check_report(path, str(tmp_path), timing_file, methods)

@@ -202,6 +202,9 @@ def _check_report(results, out, timing, methods):
     text = f.read()
   for method in methods:
     assert f"| {report._label(method)} |" in text, method
+  for name in PLOTS:  # every figure is embedded in the report
+    assert f"]({name})" in text, name
+  assert "| ratio to floor |" in text
   assert len(written) == len(PLOTS) + 1
   return text
 
@@ -242,6 +245,12 @@ def test_gpu_preset_runs_tiny_under_mock_data(name, tmp_path, timing_file):
   rows = _check_results(path, methods)
   assert {row["attack"] for row in rows} == {"none", "reverse_gradient"}
   _check_report(path, str(tmp_path), timing_file, methods)
+
+
+def test_every_method_has_its_own_colour_in_every_figure():
+  colours = {method: report._color(method) for method in grid.METHODS}
+  assert len(set(colours.values())) == len(grid.METHODS)
+  assert set(combine_timing.COMBINERS) <= set(colours)  # the timing figure uses the same map
 
 
 def test_combine_timing_rows_and_floor(timing_file):

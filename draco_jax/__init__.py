@@ -1,6 +1,6 @@
 """draco-jax: DRACO (Chen et al., ICML 2018) and Byzantine-robust aggregation in JAX.
 
-Core API (see README and shared/docs/draco-math.md):
+Core API (see README and docs/math.md):
   make_code / encode        -- gradient codes (repetition, cyclic, cyclic_paper, uncoded)
   make_decoder              -- exact DRACO decoders, ``decoder(received_PxD, key)``
   make_aggregator           -- baseline robust aggregators with the same contract

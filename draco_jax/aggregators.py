@@ -1,6 +1,6 @@
 """Baseline robust aggregators (no coding) under the combiner contract.
 
-Specification: shared/docs/draco-math.md §6 (formulas, handling of non-finite rows) and §7
+Specification: docs/math.md §6 (formulas, handling of non-finite rows) and §7
 (test oracles). Shape legend: P workers, S declared adversaries (f = S), D parameters,
 T rows selected by Bulyan's first stage (T = P - 2S), M rows averaged by Multi-Krum.
 
@@ -149,7 +149,7 @@ def _combiner(
 
 
 def _nan_to_inf(x: jax.Array) -> jax.Array:
-  """NaN entries become +Inf (draco-math §6: medians and trimmed means sort NaN as +Inf)."""
+  """NaN entries become +Inf (docs/math.md §6: medians and trimmed means sort NaN as +Inf)."""
   return jnp.where(jnp.isnan(x), jnp.inf, x)
 
 
@@ -308,7 +308,7 @@ def _neighbour_scores(d2_PxP: jax.Array, num_neighbours: ArrayLike) -> jax.Array
 
 
 def krum_scores(x_PxD: ArrayLike, num_adversaries: int) -> jax.Array:
-  """Krum scores (Blanchard et al., NeurIPS 2017; draco-math §6).
+  """Krum scores (Blanchard et al., NeurIPS 2017; docs/math.md §6).
 
   score(i) = Σ of the P − f − 2 smallest ‖x_i − x_j‖² over j ≠ i, with distances to non-finite
   rows counted as +Inf.
@@ -346,7 +346,7 @@ def _average_of_rows(x_PxD: jax.Array, index_M: jax.Array) -> jax.Array:
 
 
 def _mean(num_workers: int, num_adversaries: int) -> _Rule:
-  """Plain mean (1/P) Σ_k y_k; no defence (draco-math §6). Non-finite rows make ok False."""
+  """Plain mean (1/P) Σ_k y_k; no defence (docs/math.md §6). Non-finite rows make ok False."""
   p, _ = _counts("mean", num_workers, num_adversaries)
 
   def rule(x_PxD, slices):
@@ -410,7 +410,7 @@ def _geometric_median(
 ) -> _Rule:
   """Geometric median argmin_y Σ_k ‖x_k − y‖ by Weiszfeld with the Vardi-Zhang correction.
 
-  draco-math §6, following hdmedians (Vardi & Zhang, PNAS 2000). Non-finite rows are excluded.
+  docs/math.md §6, following hdmedians (Vardi & Zhang, PNAS 2000). Non-finite rows are excluded.
   Start at the mean (``init="mean"``) or coordinate median (``"median"``) of the finite rows.
   Each iteration: d_i = ‖x_i − y‖, w_i = 1/d_i for d_i > ε (else 0), T = Σ w_i x_i / Σ w_i,
   η = #{d_i <= ε}; y⁺ = T if η = 0, else with r = ‖T − y‖·Σ w_i,
@@ -475,7 +475,7 @@ def _krum(num_workers: int, num_adversaries: int) -> _Rule:
 
 
 def _multi_krum(num_workers: int, num_adversaries: int, *, m: int | None = None) -> _Rule:
-  """Multi-Krum: the mean of the m rows with the lowest Krum scores (draco-math §6).
+  """Multi-Krum: the mean of the m rows with the lowest Krum scores (docs/math.md §6).
 
   This project's convention is m = P − f (other codebases use P − f − 2 or 1); m = 1 is Krum.
   Needs P >= 2f + 3 and 1 <= m <= P. Flagged: the rows not averaged.
@@ -533,7 +533,7 @@ def _closest_to_median_mean(selected_TxD: jax.Array, beta: int) -> jax.Array:
 
 
 def _bulyan(num_workers: int, num_adversaries: int) -> _Rule:
-  """Bulyan (El Mhamdi, Guerraoui & Rouault, ICML 2018), original form (draco-math §6).
+  """Bulyan (El Mhamdi, Guerraoui & Rouault, ICML 2018), original form (docs/math.md §6).
 
   1. Select T = P − 2f rows by iterated Krum (:func:`krum_scores` on the remaining rows with
      max(n_r − f − 2, 1) neighbours; the winner is removed each round).

@@ -1,6 +1,6 @@
 """Adversaries: what the bad workers send, and which workers are bad.
 
-Specification: shared/docs/draco-math.md §6 (attack table) and §5.2 (forged codewords).
+Specification: docs/math.md §6 (attack table) and §5.2 (forged codewords).
 Shape legend: P workers, K = P partitions, S adversaries tolerated by the code, f = number of
 masked rows (traced), D parameters, L = P - 2S (cyclic code dimension).
 
@@ -144,7 +144,7 @@ def _reverse_gradient(
   """scale·z_k, or z_k + scale·z_k when ``additive`` (default: True for cyclic codes).
 
   The original DRACO code's ``rev_grad`` (multiplier −100): −100·z_k for baselines and FRC,
-  z_k − 100·z_k for cyclic codes (draco-math §6).
+  z_k − 100·z_k for cyclic codes (docs/math.md §6).
   """
   scale = _number("reverse_gradient: scale", scale)
   additive = _is_cyclic(code) if additive is None else bool(additive)
@@ -176,7 +176,7 @@ def _sign_flip(code: Code | None) -> _Bad:
 def alie_z(num_workers: int, num_masked: ArrayLike) -> jax.Array:
   """The z of "A Little Is Enough" (Baruch, Baruch & Goldberg, NeurIPS 2019).
 
-  z = Φ⁻¹((P − s)/P) with s = ⌊P/2⌋ + 1 − f (draco-math §6). Examples: (P, f) = (20, 8) gives
+  z = Φ⁻¹((P − s)/P) with s = ⌊P/2⌋ + 1 − f (docs/math.md §6). Examples: (P, f) = (20, 8) gives
   1.0364, (15, 2) gives 0.2533, (31, 5) gives 0.3723. The probability is clipped to
   [1/(2P), 1 − 1/(2P)] so that z stays finite when f >= ⌊P/2⌋ + 1 (outside the formula's range).
 
@@ -248,7 +248,7 @@ def _corrupt_entries(value: float, name: str) -> Callable[..., _Bad]:
 
 
 def _huge(code: Code | None, *, scale: float = 1e30) -> _Bad:
-  """scale·N(0, 1) entries (1e12 and 1e30 in draco-math §5.1)."""
+  """scale·N(0, 1) entries (1e12 and 1e30 in docs/math.md §5.1)."""
   scale = _number("huge: scale", scale, positive=True)
   return lambda key, sent_PxD, mask_P: scale * _normal(key, sent_PxD.shape, sent_PxD.dtype)
 
@@ -288,7 +288,7 @@ def _forging_tables(code: Code) -> tuple[np.ndarray, np.ndarray]:
   """Host tables (float64) for codewords that vanish on a chosen set of L − 1 rows.
 
   A codeword of a cyclic code vanishing on Z (|Z| = L − 1) is unique up to scale (MDS), and it is
-  the product form the code's columns are built from (draco-math §3, §8):
+  the product form the code's columns are built from (docs/math.md §3, §8):
   δ_k = ∏_{j∈Z} sin(π(k−j)/P) (centred code, k and j plain integers) or ∏_{j∈Z} (1 − ω^{k−j})
   (paper code). Returns log|factor[k, j]| and arg(factor[k, j]) as [P, P] tables.
   """
@@ -318,7 +318,7 @@ def _forging_support(mask_P: jax.Array, support_size: int) -> jax.Array:
 
 
 def _forged_codeword(code: Code, mask_P: jax.Array, dtype) -> jax.Array:
-  """δ_P: the codeword supported on A ∪ Bh (|A ∪ Bh| = 2S+1), max |δ_k| = 1 (draco-math §5.2)."""
+  """δ_P: the codeword supported on A ∪ Bh (|A ∪ Bh| = 2S+1), max |δ_k| = 1 (docs/math.md §5.2)."""
   log_abs_PxP, angle_PxP = _forging_tables(code)
   zero_P = ~_forging_support(mask_P, 2 * code.num_adversaries + 1)
   real = _real_dtype(dtype)
@@ -332,7 +332,7 @@ def _forged_codeword(code: Code, mask_P: jax.Array, dtype) -> jax.Array:
 
 
 def _collude(code: Code | None, *, scale: float = 1.0) -> _Bad:
-  """Code-aware colluding errors (draco-math §6 and §5.2).
+  """Code-aware colluding errors (docs/math.md §6 and §5.2).
 
   * f <= S (or any f for non-cyclic codes): z_k + (W·Δ)_k for one random Δ_KxD ~ scale·N(0, 1),
     a structured error that a decoder must still remove. For FRC every bad row of a group sends
@@ -410,7 +410,7 @@ def _checked_call(name: str, code: Code | None, sent_PxD, mask_P) -> tuple[jax.A
 
 
 def make_attack(name: str, code: Code | None = None, **options) -> Attack:
-  """Builds an attack ``(key, sent_PxD, mask_P) -> received_PxD`` (draco-math §6).
+  """Builds an attack ``(key, sent_PxD, mask_P) -> received_PxD`` (docs/math.md §6).
 
   Args:
     name: one of :data:`ATTACKS`: ``none``, ``reverse_gradient`` (alias ``rev_grad``; scale,

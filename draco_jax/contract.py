@@ -85,7 +85,8 @@ def rows_dot(w_P: jax.Array, x_PxD: jax.Array) -> jax.Array:
   """Σ_k w_k x_k as a matrix-vector product.
 
   A jitted ``jnp.sum(x, 0)`` over the worker axis runs 55-100x slower than a dot on XLA CPU
-  (see shared/docs/jax-environment.md §10), so every reduction over workers goes through here.
+  (measured with JAX 0.10.2, float32, D = 2^20: about 0.5 GB/s against about 30 GB/s for
+  ``jnp.ones(P) @ x`` and numpy), so every reduction over workers goes through here.
   """
   return jnp.matmul(w_P.astype(x_PxD.dtype), x_PxD, precision=jax.lax.Precision.HIGHEST)
 

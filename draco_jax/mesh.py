@@ -133,8 +133,9 @@ def map_workers(
     A function of the same arguments returning outputs with a leading [P] axis.
 
   Replicated arguments are cast to device-varying values before ``per_worker`` runs, so that a
-  gradient with respect to them is each worker's own and is not summed over devices
-  (shared/docs/jax-environment.md §4).
+  gradient with respect to them is each worker's own and is not summed over devices (inside
+  ``jax.shard_map`` with the default ``check_vma=True``, ``jax.grad`` with respect to a
+  replicated input returns the gradient already summed over the axis).
   """
   per_worker_args = tuple(per_worker_args)
   vmapped = jax.vmap(per_worker, in_axes=tuple(0 if s else None for s in per_worker_args))

@@ -1,4 +1,4 @@
-"""Baseline aggregators against independent float64 numpy references (draco-math §6, §7)."""
+"""Baseline aggregators against independent float64 numpy references (docs/math.md §6, §7)."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Attacks and placements (draco-math §5.2, §6): only masked rows change, formulas, structure."""
+"""Attacks and placements (docs/math.md §5.2, §6): only masked rows change, formulas, structure."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Tests for draco_jax.coding against float64 numpy references (draco-math §2, §3, §7, §8).
+"""Tests for draco_jax.coding against float64 numpy references (docs/math.md §2, §3, §7, §8).
 
 Shape legend: P workers, K = P partitions, R = 2S+1 redundancy, S adversaries, L = P - 2S,
 D parameters. Structural oracles run on the host only (no jit), for every S of every P below.
@@ -39,7 +39,7 @@ def _code_params():
 
 
 def _allocation(name, p, s):
-  """bool [P, K]: worker k computes partition i (draco-math §2, §3)."""
+  """bool [P, K]: worker k computes partition i (docs/math.md §2, §3)."""
   r = 2 * s + 1
   k, i = np.arange(p)[:, None], np.arange(p)[None, :]
   if name == "repetition":
@@ -208,7 +208,7 @@ def test_paper_closed_form_matches_the_vandermonde_solve(p):
 
 
 # Worst cond over every L-row subset of the basis, which is always a contiguous block
-# (draco-math §5.1). Measured maximum over S: 122 at P = 12, S = 3, for all three codes.
+# (docs/math.md §5.1). Measured maximum over S: 122 at P = 12, S = 3, for all three codes.
 MDS_COND_LIMIT = 2e2
 
 
@@ -228,7 +228,7 @@ def test_every_l_rows_of_the_basis_are_independent(name, p):
 # largest, L = 2). Measured; it grows like 0.405·P, so §8's "<= 2.5" holds only for small S.
 EVEN_AMP = {4: 1.707, 8: 3.284, 16: 6.505, 32: 12.98, 64: 25.94}
 EVEN_AMP_LIMIT = 30.0  # every even P <= 64
-# Paper code, worst S (draco-math §3 table).
+# Paper code, worst S (docs/math.md §3 table).
 PAPER_AMP = {7: 2.8, 9: 4.4, 15: 24, 16: 31, 31: 3.1e3, 32: 4.1e3}
 
 

@@ -1,12 +1,12 @@
 """One contract, every combiner: each DRACO decoder and each baseline aggregator, same checks.
 
-The combiner contract (draco_jax/contract.py, draco-math §1): ``combiner(received_PxD, key) ->
+The combiner contract (draco_jax/contract.py, docs/math.md §1): ``combiner(received_PxD, key) ->
 (mean_D, Report(flagged, ok, iterations))``, jit-compiled, the MEAN over partitions, all zeros
 when ok is False, never non-finite, and no recompilation when the adversarial rows or their
 values change. Every registered combiner runs through the same table of attacks here:
 
 * decoders (on coded messages) must return the honest mean within 1e-5 (``small``: 1e-2,
-  draco-math §5.4), report ok and flag every row the attack changed;
+  docs/math.md §5.4), report ok and flag every row the attack changed;
 * robust baselines (on uncoded messages) must stay within :data:`ROBUST_RADIUS` honest radii
   of the honest mean and report ok;
 * the undefended mean has no tolerance: it only has to keep the contract.
@@ -26,7 +26,7 @@ from draco_jax import aggregators, attacks, coding, decode
 
 P, S, D = 15, 2, 256  # (2S+1) | P for the repetition code, and P >= 4S+3 for Bulyan.
 BAD_ROWS = (3, 9)
-DECODER_PRECISION = {"small": 1e-2}  # else 1e-5 (float32 messages, draco-math §7)
+DECODER_PRECISION = {"small": 1e-2}  # else 1e-5 (float32 messages, docs/math.md §7)
 ROBUST_RADIUS = 3.0
 # Every registry entry is a combiner: (kind, name) with kind "decoder" (the name is a code) or
 # "aggregator".

@@ -1,4 +1,4 @@
-"""Tests for draco_jax.decode against float64 numpy references (draco-math §2, §4, §5, §7, §8).
+"""Tests for draco_jax.decode against float64 numpy references (docs/math.md §2, §4, §5, §7, §8).
 
 Shape legend: P workers, K = P partitions, S adversaries, D parameters, C projection columns.
 
@@ -29,7 +29,7 @@ from draco_jax import coding, decode
 
 D = 128
 ATTACKS = ("rev_grad", "constant", "huge", "tiny", "nan", "inf", "gaussian", "collude")
-PRECISION = 1e-5  # float32 messages, relative to the float64 mean (draco-math §7)
+PRECISION = 1e-5  # float32 messages, relative to the float64 mean (docs/math.md §7)
 LOOSE = 1e-3  # the error a certified answer may never exceed, anywhere
 CHANGED = 1e-3  # a bad row changed by more than this (relative) must be flagged
 
@@ -81,7 +81,7 @@ def _noise(rng, shape, cplx):
 
 
 def _attack(name, sent_PxD, mask_P, rng, tiny_scale=1e-3):
-  """Numpy attacks of draco-math §6 on the masked rows (cyclic codes: z - 100z for rev_grad).
+  """Numpy attacks of docs/math.md §6 on the masked rows (cyclic codes: z - 100z for rev_grad).
 
   ``tiny`` adds ``tiny_scale``·rms(row)·N(0, 1) to each bad row.
   """
@@ -273,7 +273,7 @@ def test_paper_code_random_placements_p16(name, p, s, group):
 # messages, D = 128), and re-measured over 15 keys x 7 attacks per (P, S, placement kind):
 # random placements are exact at every tested S, except that at P = 64 (outside the float32
 # envelope) about 1 trial in 100 is refused; contiguous ones break down where the fit must
-# extrapolate across the gap (draco-math §5.1): at P = 32, S = 5 about half are refused and
+# extrapolate across the gap (docs/math.md §5.1): at P = 32, S = 5 about half are refused and
 # S = 5, 8 accept a few at 1.0-1.2e-5; at P = 63 every S >= 4 and at P = 64 most S >= 3 are
 # refused. Outside the region a decoder must refuse or stay within 1e-3, never silently worse.
 EXACT_MAX_S = {  # P: (random placements, contiguous placements)

@@ -4,7 +4,7 @@ The end-to-end test launches ``python -m draco_jax.train`` as 2 processes on 127
 with 4 simulated CPU devices (gloo CPU collectives, the default in this JAX), and checks the
 parameters against a single-process run on the 8 devices conftest.py simulates. Every
 subprocess runs under ``timeout -s KILL``: after ``jax.distributed.initialize`` a process
-catches SIGTERM (shared/docs/jax-environment.md §5).
+catches SIGTERM (a plain ``timeout`` would not stop a hung run).
 """
 
 import contextlib

@@ -23,7 +23,7 @@ from draco_jax.config import TrainConfig, validate
 
 RTOL = 1e-6
 KEY = jax.random.key(0)
-# The attacks of draco-math §6, plus whole NaN rows (missing stragglers' messages).
+# The attacks of docs/math.md §6, plus whole NaN rows (missing stragglers' messages).
 ATTACK_CASES = [(name, {}) for name in attacks.ATTACKS] + [("nan", {"fraction": 1.0})]
 # (code, P, S, devices, D): P = 8 and 16 on all 8 devices, odd P on 5 devices, the repetition
 # code's P = 24 = 8 groups of 3, and the paper's code (complex messages).

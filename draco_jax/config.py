@@ -61,6 +61,9 @@ _RESUMABLE_FIELDS = (
   "resume",
   "num_devices",
   "data_dir",
+  "overwrite",
+  "over_capacity",
+  "max_refused_fraction",
 )
 
 
@@ -90,7 +93,16 @@ class TrainConfig:
     checkpoint_every: steps between checkpoints (the last step is always saved).
     timing: time each phase of the step (separately jitted) at every evaluation.
     seed: seeds the parameters, the data order and every per-step key.
-    resume: continue from the latest checkpoint in the workdir.
+    resume: continue the run in the workdir: from its latest checkpoint, or from step 0 with
+      the same config when it holds a config.json but no checkpoint yet.
+    overwrite: delete the files of the run in the workdir (config.json, metrics.jsonl,
+      results.json, checkpoints/, tensorboard/; nothing else) and start afresh. Without it (or
+      ``resume``) a workdir holding another run's files is refused.
+    over_capacity: allow more adversaries and stragglers than the code tolerates
+      (2t + e > 2S), to study what the decoder does there (refused steps, forgeries); refused
+      otherwise.
+    max_refused_fraction: the run warns (stderr and top of the summary) when more than this
+      fraction of its steps was refused (report.ok False, update skipped).
     num_stragglers: e, non-adversarial workers whose message is missing each step.
     num_devices: devices on the worker mesh (0 = all, or the most that divide P).
     combine_sharding: a value in :data:`COMBINE_SHARDINGS`: gather all P messages onto every
@@ -121,6 +133,9 @@ class TrainConfig:
   timing: bool = True
   seed: int = 0
   resume: bool = False
+  overwrite: bool = False
+  over_capacity: bool = False
+  max_refused_fraction: float = 0.1
   num_stragglers: int = 0
   num_devices: int = 0
   combine_sharding: str = "replicated"
@@ -141,6 +156,12 @@ class TrainConfig:
   @property
   def is_coded(self) -> bool:
     return self.code != "uncoded"
+
+  @property
+  def beyond_capacity(self) -> bool:
+    """A coded scheme facing more than it decodes: 2t + e > 2S (needs ``over_capacity``)."""
+    budget = 2 * self.active_adversaries + self.num_stragglers
+    return self.is_coded and budget > 2 * self.tolerance
 
   @property
   def resolved_model_options(self) -> dict[str, Any]:
@@ -212,6 +233,13 @@ def _check_numbers(config: TrainConfig) -> None:
   _check_at_least(config, -1, "max_adversaries")
   if not (isinstance(config.learning_rate, (int, float)) and config.learning_rate > 0):
     raise ValueError(f"learning_rate must be > 0; got {config.learning_rate!r}")
+  fraction = config.max_refused_fraction
+  if not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+    raise ValueError(f"max_refused_fraction must be in [0, 1]; got {fraction!r}")
+  if config.resume and config.overwrite:
+    raise ValueError(
+      "resume (continue the run in the workdir) and overwrite (delete it) exclude each other"
+    )
   if config.num_adversaries > config.num_workers:
     raise ValueError(
       f"num_adversaries must be <= num_workers; got {config.num_adversaries} > {config.num_workers}"
@@ -219,7 +247,8 @@ def _check_numbers(config: TrainConfig) -> None:
 
 
 def _check_budget(config: TrainConfig) -> None:
-  """Stragglers are drawn among honest workers; coded schemes decode iff 2t + e <= 2S."""
+  """Stragglers are drawn among honest workers; coded schemes decode iff 2t + e <= 2S (unless
+  ``over_capacity`` asks to study what happens beyond)."""
   p, s, t, e = (
     config.num_workers,
     config.tolerance,
@@ -230,11 +259,12 @@ def _check_budget(config: TrainConfig) -> None:
     raise ValueError(
       f"num_adversaries + num_stragglers must be <= num_workers; got t={t} + e={e} > P={p}"
     )
-  if config.is_coded and 2 * t + e > 2 * s:
+  if config.is_coded and 2 * t + e > 2 * s and not config.over_capacity:
     raise ValueError(
       f"code {config.code!r} built for S={s} decodes only when 2t + e <= 2S; got t={t} "
       f"adversaries and e={e} stragglers (2t + e = {2 * t + e} > {2 * s}); raise "
-      f"--max_adversaries to at least {math.ceil((2 * t + e) / 2)} or lower t or e"
+      f"--max_adversaries to at least {math.ceil((2 * t + e) / 2)} or lower t or e, or pass "
+      "--over_capacity to study a code beyond its capacity (steps refused or forged)"
     )
 
 

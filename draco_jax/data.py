@@ -45,6 +45,7 @@ __all__ = [
   "DATASETS",
   "SPLITS",
   "load_dataset",
+  "check_available",
   "normalize",
   "partition_indices",
   "partition_batch",
@@ -100,6 +101,8 @@ class DatasetSpec(NamedTuple):
     max_value: largest stored pixel value; images are divided by it to reach [0, 1].
     mean_C: per-channel mean of the [0, 1]-scaled train images.
     std_C: per-channel standard deviation of the [0, 1]-scaled train images.
+    check: ``check(split, data_dir)`` raises :class:`DatasetNotPreparedError` when the split
+      cannot be loaded, without reading it.
   """
 
   load: Callable[[str, str | None], tuple[np.ndarray, np.ndarray]]
@@ -107,6 +110,7 @@ class DatasetSpec(NamedTuple):
   max_value: float
   mean_C: tuple[float, ...]
   std_C: tuple[float, ...]
+  check: Callable[[str, str | None], None]
 
 
 @functools.cache
@@ -132,28 +136,33 @@ def _load_digits(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarr
 
 
 def _not_prepared_message(name: str, split: str, data_dir: str | None, err: Exception) -> str:
+  """One line: what is missing, where it was looked for, and how to prepare it."""
   where = data_dir or "the tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
   cause = (str(err).strip().splitlines() or [""])[0]
   return (
     f"tfds dataset {name!r} (split {split!r}) is not prepared in array_record format under "
-    f"{where}. draco-jax reads it without TensorFlow via tfds.data_source and never downloads. "
-    f"Prepare it once on a machine with network access and TensorFlow:\n"
-    f"  tfds build {name} --file_format=array_record --data_dir=DIR\n"
-    f"  (or tfds.builder({name!r}, data_dir=DIR).download_and_prepare("
-    f"file_format='array_record'))\n"
-    f"then copy DIR here and pass data_dir=DIR (or set TFDS_DATA_DIR).\n"
+    f"{where}; draco-jax reads it without TensorFlow via tfds.data_source and never downloads. "
+    f"Prepare it once on a machine with network access and TensorFlow: "
+    f"`tfds build {name} --file_format=array_record --data_dir=DIR` (or "
+    f"tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')), "
+    f"then copy DIR here and pass data_dir=DIR (--data_dir=DIR; or set TFDS_DATA_DIR) "
     f"[tfds said: {type(err).__name__}: {cause}]"
   )
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
-  """Reads every record of a prepared array_record tfds split into numpy arrays."""
+def _tfds_source(name: str, split: str, data_dir: str | None):
+  """The split's tfds data source (opened, not read); DatasetNotPreparedError if missing."""
   import tensorflow_datasets as tfds  # lazy: only these datasets need it
 
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (NotImplementedError, KeyError, FileNotFoundError, OSError, AssertionError) as err:
     raise DatasetNotPreparedError(_not_prepared_message(name, split, data_dir, err)) from err
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """Reads every record of a prepared array_record tfds split into numpy arrays."""
+  source = _tfds_source(name, split, data_dir)
   # A plain loop: tfds 4.9.10's mock_data breaks ``__getitems__``, and PNG decoding dominates.
   records = [source[i] for i in range(len(source))]
   images = np.stack([np.asarray(r["image"]) for r in records])
@@ -161,19 +170,31 @@ def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray,
   return images, labels
 
 
+def _check_tfds(name: str, split: str, data_dir: str | None) -> None:
+  _tfds_source(name, split, data_dir)
+
+
+def _check_bundled(split: str, data_dir: str | None) -> None:
+  del split, data_dir  # shipped inside an installed package
+
+
 DATASETS: dict[str, DatasetSpec] = {
-  "digits": DatasetSpec(_load_digits, 10, 16.0, (0.3054,), (0.3760,)),
-  "mnist": DatasetSpec(functools.partial(_load_tfds, "mnist"), 10, 255.0, (0.1307,), (0.3081,)),
-  "fashion_mnist": DatasetSpec(
-    functools.partial(_load_tfds, "fashion_mnist"), 10, 255.0, (0.2860,), (0.3530,)
-  ),
-  "cifar10": DatasetSpec(
-    functools.partial(_load_tfds, "cifar10"),
-    10,
-    255.0,
-    (0.4914, 0.4822, 0.4465),
-    (0.2470, 0.2435, 0.2616),
-  ),
+  "digits": DatasetSpec(_load_digits, 10, 16.0, (0.3054,), (0.3760,), _check_bundled),
+  **{
+    name: DatasetSpec(
+      functools.partial(_load_tfds, name),
+      10,
+      255.0,
+      mean_C,
+      std_C,
+      functools.partial(_check_tfds, name),
+    )
+    for name, mean_C, std_C in [
+      ("mnist", (0.1307,), (0.3081,)),
+      ("fashion_mnist", (0.2860,), (0.3530,)),
+      ("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    ]
+  },
 }
 
 
@@ -208,6 +229,22 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None) -> Datas
       f"{name}: expected images [N,H,W,C] and labels [N], got {images.shape}, {labels.shape}"
     )
   return Dataset(images, labels.astype(np.int32), spec.num_classes, name)
+
+
+def check_available(name: str, *, data_dir: str | None = None) -> None:
+  """Raises before any loading when a split of a registered dataset cannot be loaded.
+
+  Opens each split's source without reading its records (fast), so a run can refuse a missing
+  dataset before it builds anything.
+
+  Raises:
+    ValueError: unknown dataset.
+    DatasetNotPreparedError: a tfds dataset is not prepared under ``data_dir`` (one line with
+      the preparation instructions).
+  """
+  spec = _spec(name)
+  for split in SPLITS:
+    spec.check(split, data_dir)
 
 
 def normalize(images: np.ndarray | jax.Array, name: str) -> np.ndarray | jax.Array:

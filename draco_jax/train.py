@@ -10,7 +10,7 @@ partition, H x W x C one example.
 One step (:func:`make_train_step`):
 
 1. The per-step key ``fold_in(base_key, step)`` is split into independent placement, straggler,
-   attack and combine keys (draco-math §5.4); the attack never sees the combine key. The data are
+   attack and combine keys (docs/math.md §5.4); the attack never sees the combine key. The data are
    drawn on the host from (seed, step), so a resumed run reads the same batches.
 2. Workers (``mesh.map_workers``: shard_map across devices, vmap within one): worker k computes
    the R partition gradients ``code.support[k]`` (labels flipped for a data attack), flattens
@@ -21,6 +21,13 @@ One step (:func:`make_train_step`):
    and a report, and optax updates the parameters unless ``report.ok`` is False.
 4. Diagnostic: the clean mean of the K partition gradients, and the combined mean's relative
    deviation from it.
+
+The command line tells the truth about a run (:func:`main`). Exit status: 0 trained; 1 refused
+before any set-up (a bad configuration, a workdir that is not a writable directory or holds
+another run's files, a dataset that is not prepared: one line each); 3 no step was applied
+(every step refused); 130 interrupted (Ctrl-C saves a checkpoint of the last completed step
+and prints the one command that resumes). More than ``max_refused_fraction`` refused steps
+print a warning on stderr and at the top of the summary.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ import dataclasses
 import functools
 import json
 import os
+import shlex
+import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -68,6 +78,13 @@ __all__ = [
   "evaluate",
   "time_phases",
   "train_and_evaluate",
+  "check_workdir",
+  "RUN_FILES",
+  "WorkdirError",
+  "RunInterrupted",
+  "EXIT_REFUSED",
+  "EXIT_NO_STEP_APPLIED",
+  "EXIT_INTERRUPTED",
   "main",
 ]
 
@@ -528,8 +545,8 @@ def make_trainer(config: TrainConfig, *, attack_names: Sequence[str] | None = No
 def train_step(
   trainer: Trainer, state: TrainState, step: int, attack: int = 0
 ) -> tuple[TrainState, dict[str, float]]:
-  """Runs step ``step`` and waits for it (collective steps must block each time, see
-  shared/docs/jax-environment.md §4); returns the new state and the metrics as floats."""
+  """Runs step ``step`` and waits for it (on CPU, collective steps dispatched without blocking
+  deadlock after a few dozen); returns the new state and the metrics as floats."""
   batch, key = trainer.step_inputs(step, attack)
   state, metrics = trainer.update_fn(state, batch, key)
   return state, {name: float(value) for name, value in jax.device_get(metrics).items()}
@@ -575,6 +592,115 @@ def time_phases(trainer: Trainer, state: TrainState, step: int, repeats: int = 2
 # ---------------------------------------------------------------------------------------------
 # The workdir: metrics, TensorBoard, config and checkpoints.
 
+# Everything a run writes in its workdir; ``overwrite`` deletes these and nothing else.
+RUN_FILES = ("config.json", "metrics.jsonl", "results.json", "checkpoints", "tensorboard")
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot hold this run: not a writable directory, or another run's files."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+  """Training stopped by an interrupt; the last completed step is checkpointed in ``workdir``."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(
+      f"interrupted after step {step}; its checkpoint is in {workdir}; continue with "
+      "resume=True (--resume)"
+    )
+    self.step, self.workdir = step, workdir
+
+
+def _latest_checkpoint(path: str) -> int | None:
+  """The highest finished checkpoint step in ``path``/checkpoints, read without orbax."""
+  try:
+    steps = [int(name) for name in os.listdir(os.path.join(path, "checkpoints")) if name.isdigit()]
+  except OSError:
+    return None
+  return max(steps, default=None)
+
+
+def _run_files(path: str) -> list[str]:
+  """The :data:`RUN_FILES` present in ``path`` (an empty directory does not count)."""
+  found = []
+  for name in RUN_FILES:
+    full = os.path.join(path, name)
+    if os.path.isdir(full) and not os.path.islink(full) and not os.listdir(full):
+      continue
+    if os.path.lexists(full):
+      latest = _latest_checkpoint(path) if name == "checkpoints" else None
+      found.append(name if latest is None else f"{name} (latest step {latest})")
+  return found
+
+
+def _make_writable_dir(path: str) -> None:
+  """Creates ``path`` if needed; WorkdirError unless it is then a writable directory."""
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise WorkdirError(f"workdir {path} exists and is not a directory; pass a directory path")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    parent = os.path.dirname(path)
+    while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+      parent = os.path.dirname(parent)
+    why = f"{parent} is not a directory" if not os.path.isdir(parent) else e.strerror
+    raise WorkdirError(f"cannot create workdir {path}: {why}") from None
+  if not os.access(path, os.W_OK | os.X_OK):  # also False on a read-only filesystem
+    raise WorkdirError(f"workdir {path} is not writable")
+
+
+def _check_same_config(config: TrainConfig, path: str) -> None:
+  config_path = os.path.join(path, "config.json")
+  if not os.path.exists(config_path):
+    return
+  with open(config_path) as f:
+    text = f.read()
+  try:
+    diffs = config.differences(text)
+  except json.JSONDecodeError as e:
+    raise WorkdirError(f"cannot resume {path}: its config.json is not valid JSON ({e})") from None
+  if diffs:
+    raise WorkdirError(f"cannot resume {path} with a different config: {'; '.join(diffs)}")
+
+
+def check_workdir(config: TrainConfig, workdir: str) -> str:
+  """Checks (and creates) the run directory before anything expensive; returns its path.
+
+  A workdir holding another run's files (:data:`RUN_FILES`, with or without checkpoints) is
+  continued (``config.resume``, with the same config), cleared later (``config.overwrite``, see
+  :class:`_Workdir`) or refused; nothing on disk changes here except creating the directory.
+
+  Raises:
+    WorkdirError: naming the path and the rule it breaks.
+  """
+  path = os.path.abspath(workdir)
+  _make_writable_dir(path)
+  found = _run_files(path)
+  if config.resume and not found:
+    raise WorkdirError(
+      f"nothing to resume in workdir {path}: it holds no run's files ({', '.join(RUN_FILES)}); "
+      "drop --resume to start a run there"
+    )
+  if config.resume:
+    _check_same_config(config, path)
+  elif found and not config.overwrite:
+    raise WorkdirError(
+      f"workdir {path} already holds another run's files ({', '.join(found)}); pass --resume "
+      "to continue that run, --overwrite to delete them and start afresh, or choose another "
+      "--workdir"
+    )
+  return path
+
+
+def _clear_run_files(path: str) -> None:
+  """Deletes the :data:`RUN_FILES` in ``path`` (never anything else)."""
+  for name in RUN_FILES:
+    full = os.path.join(path, name)
+    if os.path.isdir(full) and not os.path.islink(full):
+      shutil.rmtree(full)
+    elif os.path.lexists(full):
+      os.remove(full)
+
 
 class _Summary:
   """Running totals over the steps of one invocation."""
@@ -606,9 +732,33 @@ class _Summary:
     }
 
 
+def _refusals(results: dict[str, Any], max_fraction: float) -> tuple[bool, list[str]]:
+  """(no step applied, warnings) over this invocation's steps (the whole run's if none ran)."""
+  run, refused, scope = results["steps_run"], results["skipped_steps"], "run now"
+  if run == 0:
+    run, refused, scope = results["final_step"], results["total_skipped_steps"], "in all"
+  why = "the combiner's report.ok was False, so the update was skipped"
+  if refused == run:
+    return True, [
+      f"no step was applied: all {run} steps {scope} were refused ({why}); the parameters did "
+      "not move"
+    ]
+  if refused > max_fraction * run:
+    return False, [
+      f"{refused} of {run} steps {scope} ({refused / run:.0%}) were refused ({why}), more than "
+      f"max_refused_fraction = {max_fraction}"
+    ]
+  return False, []
+
+
 def _key_data(trainer: Trainer) -> np.ndarray:
   """The run's key as host data: the same value on every process, saved once by orbax."""
   return np.asarray(jax.random.key_data(trainer.base_key))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 class _Workdir:
@@ -618,29 +768,19 @@ class _Workdir:
   multi-process saves itself and writes replicated arrays from the primary host).
   """
 
-  def __init__(self, config: TrainConfig, workdir: str):
-    self.path = os.path.abspath(workdir)
+  def __init__(self, config: TrainConfig, path: str):
+    """``path`` has passed :func:`check_workdir`; ``overwrite`` clears the old run only now,
+    once everything else that can refuse the run has accepted it."""
+    self.path = path
     self.is_writer = jax.process_index() == 0
+    if config.overwrite and self.is_writer:
+      _clear_run_files(path)
+    _barrier("draco_workdir_checked")  # no process writes before every process has checked
     self.checkpoints = ocp.CheckpointManager(
       os.path.join(self.path, "checkpoints"),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
     )
-    self._check_resume(config)
     self.metrics_file = self.writer = None
-
-  def _check_resume(self, config: TrainConfig) -> None:
-    latest = self.checkpoints.latest_step()
-    if latest is not None and not config.resume:
-      raise ValueError(
-        f"workdir {self.path} already holds checkpoints (latest step {latest}); pass "
-        "--resume to continue that run or choose another --workdir"
-      )
-    config_path = os.path.join(self.path, "config.json")
-    if config.resume and os.path.exists(config_path):
-      with open(config_path) as f:
-        diffs = config.differences(f.read())
-      if diffs:
-        raise ValueError(f"cannot resume {self.path} with a different config: {'; '.join(diffs)}")
 
   def open(self, config: TrainConfig, start_step: int) -> None:
     """Writes config.json and opens the metrics (dropping lines past a resumed step)."""
@@ -652,7 +792,7 @@ class _Workdir:
     kept = []
     if os.path.exists(metrics_path):
       with open(metrics_path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = [line for line in f if _logged_step(line) <= start_step]
     self.metrics_file = open(metrics_path, "w")
     self.metrics_file.writelines(kept)
     self.writer = _summary_writer(os.path.join(self.path, "tensorboard"))
@@ -673,7 +813,7 @@ class _Workdir:
 
   def save(self, trainer: Trainer, state: TrainState, step: int) -> None:
     tree = {"state": state._asdict(), "rng": _key_data(trainer)}
-    self.checkpoints.save(step, args=ocp.args.StandardSave(tree))
+    self.checkpoints.save(step, args=ocp.args.StandardSave(tree), force=True)
 
   def log(self, record: dict[str, Any]) -> None:
     if not self.is_writer:
@@ -685,16 +825,35 @@ class _Workdir:
         if name != "step":
           self.writer.add_scalar(name, value, record["step"])
 
-  def close(self, results: dict[str, Any]) -> None:
+  def interrupt(self, trainer: Trainer, state: TrainState) -> RunInterrupted:
+    """Checkpoints the last completed step (unless saved already), waits, closes the files."""
+    step = int(state.step)
+    if self.checkpoints.latest_step() != step:
+      self.save(trainer, state, step)
+    self.close(None)
+    return RunInterrupted(step, self.path)
+
+  def close(self, results: dict[str, Any] | None) -> None:
+    """Waits for orbax, writes results.json (unless interrupted: None) and closes the files."""
     self.checkpoints.wait_until_finished()
     self.checkpoints.close()
     if not self.is_writer:
       return
-    with open(os.path.join(self.path, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
-    self.metrics_file.close()
+    if results is not None:
+      with open(os.path.join(self.path, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    if self.metrics_file is not None:
+      self.metrics_file.close()
     if self.writer is not None:
       self.writer.close()
+
+
+def _logged_step(line: str) -> float:
+  """The step of a metrics line; a torn line (a run killed while writing it) sorts last."""
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return np.inf
 
 
 def _summary_writer(path: str):
@@ -720,63 +879,109 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
 # The loop.
 
 
+class _Progress:
+  """What the loop has reached: the state, the totals, the last evaluation and timing."""
+
+  def __init__(self, state: TrainState):
+    self.state, self.summary = state, _Summary()
+    self.accuracy: float | None = None
+    self.timing: dict[str, float] = {}
+
+
 def _is_due(step: int, every: int, last: int) -> bool:
   return step % every == 0 or step == last
 
 
-def _fit(trainer: Trainer, workdir: _Workdir) -> dict[str, Any]:
-  """The thin loop: step, log, evaluate and time, checkpoint; returns the results."""
+def _loop(trainer, workdir, progress: _Progress, start: int, stop: Callable[[], bool]) -> bool:
+  """Steps from ``start`` to ``config.steps``: log, evaluate and time, checkpoint.
+
+  Returns True when ``stop()`` asked to stop (checked before each step, on every process).
+  """
   config = trainer.config
-  state, start = workdir.restore(trainer)
-  workdir.open(config, start)
-  summary, started = _Summary(), time.perf_counter()
-  accuracy, timing, step_seconds, steps_since_log = None, {}, 0.0, 0
+  started, step_seconds, steps_since_log = time.perf_counter(), 0.0, 0
   bar = tqdm(
     range(start, config.steps), initial=start, total=config.steps, disable=not workdir.is_writer
   )
-  for index in bar:
-    tick = time.perf_counter()
-    state, metrics = train_step(trainer, state, index)
-    step_seconds, steps_since_log = step_seconds + time.perf_counter() - tick, steps_since_log + 1
-    summary.add(metrics)
-    step = index + 1
-    record = {"step": step, **metrics}
-    if _is_due(step, config.eval_every, config.steps):
-      accuracy = evaluate(trainer, state.params)
-      timing = time_phases(trainer, state, step) if config.timing else {}
-      record.update(test_accuracy=accuracy, timing_ms=timing)
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", test_acc=f"{accuracy:.3f}")
-    if _is_due(step, config.log_every, config.steps) or "test_accuracy" in record:
-      record.update(
-        wall_time=time.perf_counter() - started, ms_per_step=1e3 * step_seconds / steps_since_log
-      )
-      step_seconds, steps_since_log = 0.0, 0
-      workdir.log(record)
-    if _is_due(step, config.checkpoint_every, config.steps):
-      workdir.save(trainer, state, step)
+  with bar:
+    for index in bar:
+      if stop():
+        return True
+      tick = time.perf_counter()
+      progress.state, metrics = train_step(trainer, progress.state, index)
+      step_seconds, steps_since_log = step_seconds + time.perf_counter() - tick, steps_since_log + 1
+      progress.summary.add(metrics)
+      step = index + 1
+      record = {"step": step, **metrics}
+      if _is_due(step, config.eval_every, config.steps):
+        progress.accuracy = evaluate(trainer, progress.state.params)
+        progress.timing = time_phases(trainer, progress.state, step) if config.timing else {}
+        record.update(test_accuracy=progress.accuracy, timing_ms=progress.timing)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", test_acc=f"{progress.accuracy:.3f}")
+      if _is_due(step, config.log_every, config.steps) or "test_accuracy" in record:
+        seconds_per_step = step_seconds / steps_since_log
+        record.update(wall_time=time.perf_counter() - started, ms_per_step=1e3 * seconds_per_step)
+        step_seconds, steps_since_log = 0.0, 0
+        workdir.log(record)
+      if _is_due(step, config.checkpoint_every, config.steps):
+        workdir.save(trainer, progress.state, step)
+  return False
+
+
+def _never() -> bool:
+  return False
+
+
+def _fit(trainer: Trainer, workdir: _Workdir, stop: Callable[[], bool] = _never) -> dict[str, Any]:
+  """The thin loop around the step; returns the results.
+
+  Raises:
+    RunInterrupted: ``stop()`` returned True before a step, or (one process only) a
+      KeyboardInterrupt arrived during one; the last completed step is checkpointed first.
+  """
+  config = trainer.config
+  state, start = workdir.restore(trainer)
+  workdir.open(config, start)
+  progress, started = _Progress(state), time.perf_counter()
+  try:
+    stopped = _loop(trainer, workdir, progress, start, stop)
+  except KeyboardInterrupt:
+    if jax.process_count() > 1:  # saving is collective: only an agreed stop() may save
+      raise
+    stopped = True
+  if stopped:
+    raise workdir.interrupt(trainer, progress.state)
   wall = time.perf_counter() - started
-  if accuracy is None:  # nothing left to run: evaluate the restored state
-    accuracy = evaluate(trainer, state.params)
+  if progress.accuracy is None:  # nothing left to run: evaluate the restored state
+    progress.accuracy = evaluate(trainer, progress.state.params)
+  summary = progress.summary
   results = {
-    "test_accuracy": accuracy,
-    "final_step": int(state.step),
-    "total_skipped_steps": int(state.skipped),
+    "test_accuracy": progress.accuracy,
+    "final_step": int(progress.state.step),
+    "total_skipped_steps": int(progress.state.skipped),
     **summary.results(),
     "wall_time_s": wall,
     "steps_per_second": summary.steps / max(wall, 1e-9),
-    "timing_ms": timing,
+    "timing_ms": progress.timing,
     "devices": trainer.mesh.size,
     "processes": jax.process_count(),
     "workdir": workdir.path,
   }
+  results["no_step_applied"], results["warnings"] = _refusals(results, config.max_refused_fraction)
   workdir.close(results)
-  return {**results, "state": state}
+  return {**results, "state": progress.state}
 
 
 def _open(config: TrainConfig, workdir: str) -> tuple[Trainer, _Workdir]:
-  """Everything that can reject a configuration, before any step runs."""
+  """Everything that can refuse a run, cheapest first, before any step runs.
+
+  The configuration, then the dataset (opened, not read) and the workdir, and only then the
+  expensive set-up (data loading, model, jit); an ``overwrite`` clears the old run last.
+  """
+  validate(config)
+  data.check_available(config.dataset, data_dir=config.data_dir)
+  path = check_workdir(config, workdir)
   trainer = make_trainer(config)
-  return trainer, _Workdir(config, workdir)
+  return trainer, _Workdir(config, path)
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
@@ -785,36 +990,62 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
   Returns:
     A results dict: ``test_accuracy``, ``flagged_fraction`` (adversarial rows flagged / all
     adversarial rows), ``honest_flagged_fraction``, ``deviation_mean`` / ``deviation_max``
-    (relative ‖combined − clean mean‖ over steps that were applied), ``skipped_steps``,
-    timings, and ``state`` (the final :class:`TrainState`).
+    (relative ‖combined − clean mean‖ over steps that were applied), ``skipped_steps``
+    (refused: report.ok False), ``no_step_applied`` and ``warnings`` (more than
+    ``config.max_refused_fraction`` of the steps refused), timings, and ``state`` (the final
+    :class:`TrainState`).
 
   Raises:
-    ValueError: the configuration is impossible (before any step runs).
+    ValueError: the configuration is impossible (before any step runs); its subclass
+      :class:`WorkdirError`: the workdir is not a writable directory, or holds another run's
+      files without ``resume`` or ``overwrite``.
+    draco_jax.data.DatasetNotPreparedError: the dataset is not prepared.
+    RunInterrupted: a KeyboardInterrupt stopped training; the last completed step is
+      checkpointed, and ``resume=True`` continues it bit for bit.
   """
   return _fit(*_open(config, workdir))
 
 
-def _print_summary(results: dict[str, Any]) -> None:
-  timing = ", ".join(f"{k} {v:.2f}" for k, v in results["timing_ms"].items())
-  print(
-    "\n".join(
-      [
-        "== DRACO run summary ==",
-        f"test accuracy            {results['test_accuracy']:.4f}",
-        f"adversarial rows flagged {results['flagged_fraction']:.4f}",
-        f"honest rows flagged      {results['honest_flagged_fraction']:.4f}",
-        f"deviation from clean     mean {results['deviation_mean']:.2e}, "
-        f"max {results['deviation_max']:.2e}",
-        f"skipped steps            {results['skipped_steps']} of {results['steps_run']} run "
-        f"({results['total_skipped_steps']} of {results['final_step']} in all)",
-        f"wall time                {results['wall_time_s']:.1f} s "
-        f"({results['steps_per_second']:.1f} steps/s)",
-        f"phase timing (ms)        {timing}",
-        f"devices                  {results['devices']} in {results['processes']} process(es)",
-        f"workdir                  {results['workdir']}",
-      ]
-    )
+def _summary_lines(config: TrainConfig, results: dict[str, Any]) -> list[str]:
+  timing = ", ".join(f"{k} {v:.2f}" for k, v in results["timing_ms"].items()) or "not measured"
+  applied = results["steps_run"] - results["skipped_steps"]
+  deviation = (
+    f"mean {results['deviation_mean']:.2e}, max {results['deviation_max']:.2e} "
+    f"over the {applied} applied steps"
+    if applied
+    else "none: no step applied"
   )
+  lines = [
+    f"test accuracy            {results['test_accuracy']:.4f}",
+    f"refused steps            {results['skipped_steps']} of {results['steps_run']} run "
+    f"({results['total_skipped_steps']} of {results['final_step']} in all; refused = "
+    "report.ok False, update skipped)",
+    f"deviation from clean     {deviation}",
+    f"adversarial rows flagged {results['flagged_fraction']:.4f}",
+    f"honest rows flagged      {results['honest_flagged_fraction']:.4f}",
+  ]
+  if config.beyond_capacity:
+    t, e, s = config.active_adversaries, config.num_stragglers, config.tolerance
+    lines.append(
+      f"over capacity            2t + e = {2 * t + e} > 2S = {2 * s} (t={t}, e={e}, S={s}): "
+      "steps are refused, or applied with the deviation above"
+    )
+  return lines + [
+    f"wall time                {results['wall_time_s']:.1f} s "
+    f"({results['steps_per_second']:.1f} steps/s)",
+    f"phase timing (ms)        {timing}",
+    f"devices                  {results['devices']} in {results['processes']} process(es)",
+    f"workdir                  {results['workdir']}",
+  ]
+
+
+def _print_summary(config: TrainConfig, results: dict[str, Any]) -> None:
+  """The summary on stdout, any warning first (and on stderr too)."""
+  warnings = [f"WARNING: {w}" for w in results["warnings"]]
+  for warning in warnings:
+    print(warning, file=sys.stderr)
+  sys.stderr.flush()
+  print("\n".join(["== DRACO run summary ==", *warnings, *_summary_lines(config, results)]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -841,7 +1072,29 @@ _FLAGS = {
   "checkpoint_every": (flags.DEFINE_integer, "Steps between checkpoints."),
   "timing": (flags.DEFINE_bool, "Time each phase of the step at every evaluation."),
   "seed": (flags.DEFINE_integer, "Seed of parameters, data and per-step keys."),
-  "resume": (flags.DEFINE_bool, "Continue from the latest checkpoint in --workdir."),
+  "resume": (
+    flags.DEFINE_bool,
+    "Continue the run in --workdir, with the same config: from its latest checkpoint, or from "
+    "step 0 if it has none yet. Ctrl-C checkpoints the last completed step, prints the command "
+    "that resumes and exits with status 130.",
+  ),
+  "overwrite": (
+    flags.DEFINE_bool,
+    f"Delete the run files in --workdir ({', '.join(RUN_FILES)}; nothing else) and start "
+    "afresh. Without --overwrite or --resume a workdir holding a run's files is refused.",
+  ),
+  "over_capacity": (
+    flags.DEFINE_bool,
+    "Allow 2t + e > 2S (more adversaries and stragglers than the code decodes), to study a code "
+    "beyond its capacity: steps are refused, or applied with a deviation from the clean mean; "
+    "the summary reports both. Without it such a configuration is refused.",
+  ),
+  "max_refused_fraction": (
+    flags.DEFINE_float,
+    "Warn (stderr and top of the summary) when more than this fraction of the steps was "
+    "refused (report.ok False, update skipped). Exit status: 0 trained; 1 refused at start "
+    "(configuration, workdir or dataset); 3 no step applied (all refused); 130 interrupted.",
+  ),
   "num_stragglers": (flags.DEFINE_integer, "e, missing honest messages per step."),
   "num_devices": (
     flags.DEFINE_integer,
@@ -862,7 +1115,12 @@ _OPTION_FLAGS = {
 }
 for _name, _help in _OPTION_FLAGS.items():
   flags.DEFINE_string(_name, None, _help)
-flags.DEFINE_string("workdir", None, "Run directory (default: ./workdir/run-<date>-<time>).")
+flags.DEFINE_string(
+  "workdir",
+  None,
+  "Run directory (default: ./workdir/run-<date>-<time>); one holding another run's files is "
+  "refused unless --resume or --overwrite.",
+)
 _ENV = distributed.ENV_VARS
 flags.DEFINE_string(
   "coordinator_address",
@@ -917,11 +1175,61 @@ def _default_workdir() -> str:
   return os.path.join("workdir", time.strftime("run-%Y%m%d-%H%M%S", time.localtime(stamp)))
 
 
-def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
-    logging.set_verbosity(logging.WARNING)
+# Exit statuses of the command line (1: refused at start, as absl's usage errors).
+EXIT_REFUSED = 1
+EXIT_NO_STEP_APPLIED = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process killed by Ctrl-C
+_RUN_CONTROL_FLAGS = ("workdir", "resume", "noresume", "overwrite", "nooverwrite")
+
+
+def _resume_command(argv: Sequence[str], workdir: str) -> str:
+  """The command line that continues ``workdir``: ``argv`` without its run-control flags, plus
+  ``--resume --workdir=...``."""
+  args, skip_value = [], False
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if skip_value or (arg.startswith("-") and name in _RUN_CONTROL_FLAGS):
+      skip_value = not skip_value and name == "workdir" and "=" not in arg  # --workdir PATH
+      continue
+    args.append(arg)
+  program = [sys.executable, "-m", "draco_jax.train"]
+  return shlex.join([*program, *args, "--resume", f"--workdir={workdir}"])
+
+
+class _StopOnSigint:
+  """While entered, the first SIGINT asks the loop to stop before its next step (a callable
+  for :func:`_fit`); a second one raises KeyboardInterrupt at once. Every process stops at the
+  same step: the requests are all-gathered before each step of a multi-process run."""
+
+  def __init__(self):
+    self.requested = False
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __enter__(self) -> _StopOnSigint:
+    self.previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    signal.signal(signal.SIGINT, self.previous)
+
+  def __call__(self) -> bool:
+    if jax.process_count() == 1:
+      return self.requested
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
+
+
+def _fatal(kind: str, error: Exception, hint: str = "") -> None:
+  print(f"FATAL {kind} error: {error}{hint}", file=sys.stderr)
+  sys.exit(EXIT_REFUSED)
+
+
+def _set_up() -> tuple[Trainer, _Workdir]:
+  """Flags to trainer and workdir; a refusal is one line and exit status 1, before set-up."""
   try:
     distributed.initialize(  # before anything touches a device
       distributed.resolve_settings(
@@ -931,17 +1239,41 @@ def main(argv: Sequence[str]) -> None:
     config = _config_from_flags()
     if config.resume and not FLAGS.workdir:
       raise ValueError("--resume needs the --workdir of the run to continue")
-    trainer, workdir = _open(config, FLAGS.workdir or _default_workdir())
+    return _open(config, FLAGS.workdir or _default_workdir())
+  except WorkdirError as e:
+    _fatal("Workdir", e)
+  except data.DatasetNotPreparedError as e:
+    _fatal("Dataset", e)
   except ValueError as e:  # a bad configuration: one clear line, no traceback
-    print(
-      f"FATAL Configuration error: {e}\nPass --helpshort or --helpfull to see help on flags.",
-      file=sys.stderr,
-    )
-    sys.exit(1)
-  results = _fit(trainer, workdir)
+    _fatal("Configuration", e, "\nPass --helpshort or --helpfull to see help on flags.")
+  except KeyboardInterrupt:
+    print("Interrupted during set-up, before any step ran: nothing was saved.", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Trains; exit status 0 trained, 1 refused at start, 3 no step applied, 130 interrupted."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # orbax logs every checkpoint step at INFO
+    logging.set_verbosity(logging.WARNING)
+  trainer, workdir = _set_up()
+  resume = _resume_command(sys.argv, workdir.path)
+  try:
+    with _StopOnSigint() as stop:
+      results = _fit(trainer, workdir, stop)
+  except RunInterrupted as e:
+    if workdir.is_writer:
+      print(f"Interrupted: step {e.step} is checkpointed; resume with: {resume}", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+  except KeyboardInterrupt:  # a second Ctrl-C while the checkpoint was being written
+    if workdir.is_writer:
+      print(f"Interrupted again: resume from the last checkpoint: {resume}", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   if workdir.is_writer:
-    _print_summary(results)
+    _print_summary(trainer.config, results)
   sys.stdout.flush()
+  sys.exit(EXIT_NO_STEP_APPLIED if results["no_step_applied"] else 0)
 
 
 if __name__ == "__main__":

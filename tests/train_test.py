@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ TINY = TrainConfig(
   steps=STEPS,
   timing=False,
 )
-# Every message attack of draco-math §6 that a decoder must remove exactly at f <= S
+# Every message attack of docs/math.md §6 that a decoder must remove exactly at f <= S
 # ("small" is excluded: it hides below float32 rounding, §5.4), plus the label-flip data attack.
 GUARANTEE_ATTACKS = (
   "reverse_gradient",
@@ -254,9 +255,9 @@ def test_resume_equals_uninterrupted(tmp_path):
   part = tmp_path / "part"
   train.train_and_evaluate(dataclasses.replace(config, steps=15), str(part))
   shutil.rmtree(part / "checkpoints" / "15")  # killed after step 15, before its checkpoint
-  with pytest.raises(ValueError, match="already holds checkpoints"):
+  with pytest.raises(train.WorkdirError, match=r"already holds .*checkpoints \(latest step 10\)"):
     train.train_and_evaluate(config, str(part))
-  with pytest.raises(ValueError, match="different config: learning_rate"):
+  with pytest.raises(train.WorkdirError, match="different config: learning_rate"):
     train.train_and_evaluate(dataclasses.replace(config, resume=True, learning_rate=0.2), str(part))
   resumed = train.train_and_evaluate(dataclasses.replace(config, resume=True), str(part))
   assert resumed["steps_run"] == 10
@@ -285,7 +286,9 @@ def _config_error(**changes):
     ({"code": "uncoded", "aggregator": "bogus"}, "got aggregator 'bogus'"),
     ({"code": "repetition", "num_workers": 8, "num_adversaries": 1}, "FRC needs 2S\\+1"),
     ({"num_stragglers": 1}, "2t \\+ e <= 2S; got t=2 .* e=1 .*--max_adversaries to at least 3"),
-    ({"num_adversaries": 3, "max_adversaries": 2}, "2t \\+ e = 6 > 4"),
+    ({"num_adversaries": 3, "max_adversaries": 2}, "2t \\+ e = 6 > 4.*--over_capacity"),
+    ({"resume": True, "overwrite": True}, "resume .* and overwrite .* exclude each other"),
+    ({"max_refused_fraction": 1.5}, "max_refused_fraction must be in \\[0, 1\\]; got 1.5"),
     ({"num_adversaries": 3, "num_workers": 5}, "needs P >= R = 2S\\+1"),
     ({"steps": 0}, "steps must be an integer >= 1; got 0"),
     ({"learning_rate": -1.0}, "learning_rate must be > 0; got -1.0"),
@@ -298,6 +301,98 @@ def test_bad_configs_are_rejected(changes, message):
 
 def test_no_attack_needs_no_budget():
   validate(dataclasses.replace(TrainConfig(), attack="none", num_stragglers=4))
+
+
+def test_over_capacity_is_allowed_on_request():
+  config = dataclasses.replace(TrainConfig(), num_adversaries=3, max_adversaries=1)
+  assert validate(dataclasses.replace(config, over_capacity=True)).beyond_capacity
+  assert not TrainConfig().beyond_capacity
+  with pytest.raises(ValueError, match="num_adversaries \\+ num_stragglers must be <= num"):
+    validate(dataclasses.replace(config, over_capacity=True, num_stragglers=13))
+
+
+def _snapshot(path):
+  return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_workdir_of_an_early_interrupted_run(tmp_path):
+  """config.json and metrics.jsonl but no checkpoint (a run killed early, mid-line): refused
+  untouched without --resume or with another config; resumed from step 0 with the same one."""
+  config = dataclasses.replace(TINY, code="repetition", num_workers=9, num_adversaries=1, steps=3)
+  (tmp_path / "config.json").write_text(config.to_json())
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.3}\n{"step": 2, "lo')
+  (tmp_path / "notes.txt").write_text("not the run's")
+  before = _snapshot(tmp_path)
+  for changes, message in [
+    ({}, r"already holds another run's files \(config.json, metrics.jsonl\); pass --resume"),
+    ({"resume": True, "seed": 1}, "different config: seed: saved 0, now 1"),
+  ]:
+    with pytest.raises(train.WorkdirError, match=message):
+      train.train_and_evaluate(dataclasses.replace(config, **changes), str(tmp_path))
+    assert _snapshot(tmp_path) == before
+  resumed = train.train_and_evaluate(dataclasses.replace(config, resume=True), str(tmp_path))
+  assert (resumed["steps_run"], resumed["final_step"]) == (3, 3)
+  assert resumed["warnings"] == [] and not resumed["no_step_applied"]
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == [3]  # the old lines were past step 0
+  assert (tmp_path / "notes.txt").read_text() == "not the run's"
+
+
+@pytest.mark.parametrize(
+  "files, resume, message",
+  [
+    ({}, True, "nothing to resume in workdir"),
+    ({"config.json": "{"}, True, "its config.json is not valid JSON"),
+    ({"results.json": "{}"}, False, r"already holds another run's files \(results.json\)"),
+  ],
+)
+def test_check_workdir_refuses(tmp_path, files, resume, message):
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  (tmp_path / "tensorboard").mkdir()  # an empty run directory is not a run's file
+  with pytest.raises(train.WorkdirError, match=message):
+    train.check_workdir(dataclasses.replace(TINY, resume=resume), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  "steps_run, skipped, final_step, total_skipped, no_step_applied, warning",
+  [
+    (10, 0, 10, 0, False, None),
+    (10, 1, 10, 1, False, None),  # 10% is not more than 0.1
+    (10, 2, 10, 2, False, "2 of 10 steps run now \\(20%\\) were refused"),
+    (10, 10, 10, 10, True, "no step was applied: all 10 steps run now"),
+    (5, 5, 15, 5, True, "no step was applied: all 5 steps run now"),  # resumed
+    (0, 0, 15, 15, True, "all 15 steps in all"),  # resumed with nothing left to run
+    (0, 0, 15, 0, False, None),
+  ],
+)
+def test_refused_steps_verdict(
+  steps_run, skipped, final_step, total_skipped, no_step_applied, warning
+):
+  results = dict(
+    steps_run=steps_run,
+    skipped_steps=skipped,
+    final_step=final_step,
+    total_skipped_steps=total_skipped,
+  )
+  none, warnings = train._refusals(results, 0.1)
+  assert none == no_step_applied
+  assert len(warnings) == (warning is not None)
+  assert warning is None or re.search(warning, warnings[0]), warnings
+
+
+@pytest.mark.parametrize(
+  "argv",
+  [
+    ["train.py", "--steps=5", "--workdir=/old", "--overwrite", "--seed=1"],
+    ["train.py", "--steps=5", "--workdir", "/old", "--noresume", "--seed=1"],
+    ["train.py", "--steps=5", "-workdir=/old", "--resume", "--seed=1"],
+  ],
+)
+def test_resume_command(argv):
+  command = train._resume_command(argv, "/runs/a b")
+  expected = [sys.executable, "-m", "draco_jax.train", "--steps=5", "--seed=1", "--resume"]
+  assert shlex.split(command) == [*expected, "--workdir=/runs/a b"]
 
 
 @pytest.mark.parametrize(

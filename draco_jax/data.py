@@ -8,19 +8,21 @@ Datasets (:data:`DATASETS`), all held fully in host memory as numpy arrays:
 * ``digits`` (offline default): ``sklearn.datasets.load_digits``, 1797 8x8 grey images with
   values 0..16, stored as uint8 [N, 8, 8, 1]. The split is fixed: the examples are permuted once
   with ``np.random.default_rng(0)``; the first 1437 form "train", the last 360 form "test".
-* ``mnist``, ``fashion_mnist`` (28x28x1) and ``cifar10`` (32x32x3): the real
-  tensorflow-datasets builders, read without TensorFlow through ``tfds.data_source`` (ArrayRecord
-  random access), every record copied into numpy. The loader never downloads
-  (``download=False``), so each dataset needs a one-time preparation, on a machine with network
-  access and TensorFlow (TF is needed to encode the PNG images)::
+* ``mnist``, ``fashion_mnist`` (28x28x1), ``cifar10`` and ``cifar100`` (32x32x3; the 100 fine
+  labels): no preparation and no TensorFlow. A copy prepared for tensorflow-datasets in
+  array_record format under ``data_dir`` (tfds default when None: ``$TFDS_DATA_DIR`` or
+  ``~/tensorflow_datasets``) is read first, through ``tfds.data_source`` (pillow decodes the
+  PNGs)::
 
-      tfds build mnist --file_format=array_record --data_dir=DIR
-      # or, in Python:
-      tfds.builder("mnist", data_dir=DIR).download_and_prepare(file_format="array_record")
+      tfds build mnist --file_format=array_record --data_dir=DIR   # optional, needs TensorFlow
 
-  Then copy ``DIR`` here and pass ``data_dir=DIR`` (or set ``TFDS_DATA_DIR``; the tfds default
-  is ``~/tensorflow_datasets``). Reading needs pillow (PNG decoding), not TensorFlow. A missing
-  or TFRecord-format dataset raises :class:`DatasetNotPreparedError` with these instructions.
+  Otherwise :mod:`draco_jax.downloads` fetches the canonical archives once (the files and
+  SHA-256 checksums tensorflow-datasets uses), verifies and parses them with numpy, and keeps a
+  ``.npz`` under ``data_dir`` (default ``$TFDS_DATA_DIR``, else ``$XDG_CACHE_HOME/draco_jax``,
+  else ``~/.cache/draco_jax``). :func:`check_available` does that download, so a failure is one
+  :class:`DatasetNotPreparedError` before anything is built; offline (or with
+  ``DRACO_JAX_OFFLINE=1``) it names the URLs, file names, checksums and the directory in which to
+  place the files by hand.
 
 Images stay in their stored dtype (uint8); :func:`normalize` maps them to float32 by scaling to
 [0, 1] and then standardising with the dataset's per-channel mean/std (train-split statistics).
@@ -30,13 +32,17 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from draco_jax import downloads
 
 __all__ = [
   "Dataset",
@@ -59,7 +65,7 @@ _DIGITS_NUM_TRAIN = 1437
 
 
 class DatasetNotPreparedError(FileNotFoundError):
-  """A tfds dataset is not available as a prepared array_record dataset under ``data_dir``."""
+  """A dataset is neither prepared for tfds under ``data_dir`` nor cached nor downloadable."""
 
 
 class Dataset(NamedTuple):
@@ -136,28 +142,37 @@ def _load_digits(split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarr
 
 
 def _not_prepared_message(name: str, split: str, data_dir: str | None, err: Exception) -> str:
-  """One line: what is missing, where it was looked for, and how to prepare it."""
+  """One line: what is missing, where it was looked for, and what tfds said."""
   where = data_dir or "the tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
   cause = (str(err).strip().splitlines() or [""])[0]
   return (
     f"tfds dataset {name!r} (split {split!r}) is not prepared in array_record format under "
-    f"{where}; draco-jax reads it without TensorFlow via tfds.data_source and never downloads. "
-    f"Prepare it once on a machine with network access and TensorFlow: "
-    f"`tfds build {name} --file_format=array_record --data_dir=DIR` (or "
-    f"tfds.builder({name!r}, data_dir=DIR).download_and_prepare(file_format='array_record')), "
-    f"then copy DIR here and pass data_dir=DIR (--data_dir=DIR; or set TFDS_DATA_DIR) "
-    f"[tfds said: {type(err).__name__}: {cause}]"
+    f"{where} [tfds said: {type(err).__name__}: {cause}]"
   )
+
+
+class _NoVariantFolderWarning(logging.Filter):
+  """Drops tfds's "Variant folder ... has no dataset_info.json": most runs have no tfds copy."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Variant folder")
+
+
+_NO_VARIANT_FOLDER_WARNING = _NoVariantFolderWarning()
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None):
   """The split's tfds data source (opened, not read); DatasetNotPreparedError if missing."""
   import tensorflow_datasets as tfds  # lazy: only these datasets need it
 
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_NO_VARIANT_FOLDER_WARNING)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (NotImplementedError, KeyError, FileNotFoundError, OSError, AssertionError) as err:
     raise DatasetNotPreparedError(_not_prepared_message(name, split, data_dir, err)) from err
+  finally:
+    absl_logger.removeFilter(_NO_VARIANT_FOLDER_WARNING)
 
 
 def _load_tfds(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +189,40 @@ def _check_tfds(name: str, split: str, data_dir: str | None) -> None:
   _tfds_source(name, split, data_dir)
 
 
+@contextlib.contextmanager
+def _download_errors(name: str, data_dir: str | None) -> Iterator[None]:
+  """Turns a failed download into one DatasetNotPreparedError that also names the tfds route."""
+  try:
+    yield
+  except downloads.DownloadError as err:
+    where = data_dir or "the tfds default ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    raise DatasetNotPreparedError(
+      f"{err}. Or prepare it for tensorflow-datasets once, with TensorFlow (no array_record copy "
+      f"is prepared under {where}): `tfds build {name} --file_format=array_record "
+      f"--data_dir=DIR`, then pass --data_dir=DIR"
+    ) from err
+
+
+def _load_prepared(name: str, split: str, data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """The tfds-prepared split if there is one, else the downloaded archives (fetched once)."""
+  try:
+    return _load_tfds(name, split, data_dir)
+  except DatasetNotPreparedError:
+    pass
+  with _download_errors(name, data_dir):
+    return downloads.load(name, split, data_dir)
+
+
+def _check_prepared(name: str, split: str, data_dir: str | None) -> None:
+  """Opens the tfds-prepared split, else downloads and prepares the archives now."""
+  try:
+    return _check_tfds(name, split, data_dir)
+  except DatasetNotPreparedError:
+    pass
+  with _download_errors(name, data_dir):
+    downloads.prepare(name, data_dir)
+
+
 def _check_bundled(split: str, data_dir: str | None) -> None:
   del split, data_dir  # shipped inside an installed package
 
@@ -182,17 +231,18 @@ DATASETS: dict[str, DatasetSpec] = {
   "digits": DatasetSpec(_load_digits, 10, 16.0, (0.3054,), (0.3760,), _check_bundled),
   **{
     name: DatasetSpec(
-      functools.partial(_load_tfds, name),
-      10,
+      functools.partial(_load_prepared, name),
+      num_classes,
       255.0,
       mean_C,
       std_C,
-      functools.partial(_check_tfds, name),
+      functools.partial(_check_prepared, name),
     )
-    for name, mean_C, std_C in [
-      ("mnist", (0.1307,), (0.3081,)),
-      ("fashion_mnist", (0.2860,), (0.3530,)),
-      ("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    for name, num_classes, mean_C, std_C in [
+      ("mnist", 10, (0.1307,), (0.3081,)),
+      ("fashion_mnist", 10, (0.2860,), (0.3530,)),
+      ("cifar10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+      ("cifar100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     ]
   },
 }
@@ -208,17 +258,19 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None) -> Datas
   """Loads one split of a registered dataset into host memory.
 
   Args:
-    name: a key of :data:`DATASETS` ("digits", "mnist", "fashion_mnist", "cifar10").
+    name: a key of :data:`DATASETS` ("digits", "mnist", "fashion_mnist", "cifar10",
+      "cifar100").
     split: "train" or "test".
-    data_dir: tfds data directory holding the prepared array_record dataset (tfds default when
-      None); ignored by "digits".
+    data_dir: data directory: a tfds-prepared array_record copy there is read first, else the
+      downloaded archives kept there (see the module docstring for the defaults); ignored by
+      "digits".
 
   Returns:
     A :class:`Dataset` with uint8 images [N, H, W, C] and int32 labels [N].
 
   Raises:
     ValueError: unknown dataset or split.
-    DatasetNotPreparedError: a tfds dataset is not prepared under ``data_dir``.
+    DatasetNotPreparedError: the dataset is not prepared for tfds and cannot be downloaded.
   """
   spec = _spec(name)
   if split not in SPLITS:
@@ -232,15 +284,16 @@ def load_dataset(name: str, split: str, *, data_dir: str | None = None) -> Datas
 
 
 def check_available(name: str, *, data_dir: str | None = None) -> None:
-  """Raises before any loading when a split of a registered dataset cannot be loaded.
+  """Makes a registered dataset loadable, or raises before anything else is built.
 
-  Opens each split's source without reading its records (fast), so a run can refuse a missing
-  dataset before it builds anything.
+  A tfds-prepared dataset is opened without reading its records (fast); otherwise the archives
+  are downloaded and prepared now (once: later calls only find the ``.npz``), so a run fails or
+  shows its download progress before it builds anything.
 
   Raises:
     ValueError: unknown dataset.
-    DatasetNotPreparedError: a tfds dataset is not prepared under ``data_dir`` (one line with
-      the preparation instructions).
+    DatasetNotPreparedError: the dataset is not prepared for tfds and cannot be downloaded (one
+      line naming the URLs, files, checksums and the directory to place them in by hand).
   """
   spec = _spec(name)
   for split in SPLITS:

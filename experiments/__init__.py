@@ -4,8 +4,8 @@ Presets (``experiments.presets.PRESETS``), each a :class:`~experiments.grid.Pres
 a module whose docstring says what it reproduces, the command, the expected result and runtime:
 
 * ``offline``: sklearn digits, a 64-256-256-10 MLP, P = 15 (2 CPU cores, 3-8 minutes).
-* ``mnist_fc``: MNIST, the paper's 784-800-500-10 MLP (GPU hosts; needs prepared MNIST).
-* ``cifar10_resnet18`` / ``cifar10_vgg``: CIFAR-10 (GPU hosts; needs prepared CIFAR-10).
+* ``mnist_fc``: MNIST, the paper's 784-800-500-10 MLP (GPU hosts; MNIST downloaded on first use).
+* ``cifar10_resnet18`` / ``cifar10_vgg``: CIFAR-10 (GPU hosts; downloaded on first use).
 
 Commands:
 

@@ -8,10 +8,11 @@ trimmed mean, Bulyan) under the reverse-gradient and constant attacks, S in {1, 
 workers, plus the adversary-free reference. The cluster is simulated on one host: time is
 reported as measured wall time and as projected cluster time (``experiments/run.py``).
 
-Needs CIFAR-10 prepared for tensorflow-datasets (``tfds build cifar10
---file_format=array_record``, see ``draco_jax/data.py``); pass it with ``--data_dir``. Command:
+CIFAR-10 is downloaded on first use (170 MB, SHA-256 checked, kept as a ``.npz`` in the data
+directory; no TensorFlow, no preparation; ``draco_jax/downloads.py``). ``--data_dir DIR``
+(optional) chooses that directory. Command, on a networked machine:
 
-    python -m experiments.run cifar10_resnet18 --out results/cifar10_resnet18 --data_dir DIR
+    python -m experiments.run cifar10_resnet18 --out results/cifar10_resnet18
     python -m experiments.report results/cifar10_resnet18/results.jsonl \
       --out results/cifar10_resnet18
 

@@ -3,9 +3,10 @@ r"""The paper's CIFAR-10 experiment with VGG, 15 workers (GPU hosts).
 The ResNet-18 experiment (``experiments/cifar10_resnet18.py``: same data, attacks, methods,
 optimizer and schedule) with VGG-16 (CIFAR variant, GroupNorm, global-average-pool head;
 ``draco_jax/models/vgg.py``; D = 14,724,042). The paper used a deeper VGG; depth 16 is the
-deepest configuration here. Command:
+deepest configuration here. CIFAR-10 is downloaded on first use (as for ResNet-18). Command, on
+a networked machine:
 
-    python -m experiments.run cifar10_vgg --out results/cifar10_vgg --data_dir DIR
+    python -m experiments.run cifar10_vgg --out results/cifar10_vgg
     python -m experiments.report results/cifar10_vgg/results.jsonl --out results/cifar10_vgg
 
 Expected result (not yet measured: no GPU host has run it): as for ResNet-18; the larger D

@@ -8,10 +8,12 @@ S in {1, 2} of P = 15 workers, plus the adversary-free reference. Deviation from
 cluster is simulated on one host, so time is reported twice (measured wall time and the
 projected cluster time, see ``experiments/run.py``).
 
-Needs MNIST prepared for tensorflow-datasets (``tfds build mnist --file_format=array_record``,
-see ``draco_jax/data.py``); pass its directory with ``--data_dir``. Command:
+MNIST is downloaded on first use (12 MB, SHA-256 checked, kept as a ``.npz`` in the data
+directory; no TensorFlow, no preparation; ``draco_jax/downloads.py``). ``--data_dir DIR``
+(optional) chooses that directory, and is also where a tfds-prepared copy is looked for first.
+Command, on a networked machine:
 
-    python -m experiments.run mnist_fc --out results/mnist_fc --data_dir DIR
+    python -m experiments.run mnist_fc --out results/mnist_fc
     python -m experiments.report results/mnist_fc/results.jsonl --out results/mnist_fc
 
 Expected result (not yet measured: no GPU host has run it): DRACO's curves equal the reference

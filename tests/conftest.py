@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["DRACO_JAX_OFFLINE"] = "1"  # no test downloads a dataset from the internet
 
 import jax
 

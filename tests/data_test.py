@@ -127,27 +127,44 @@ def test_eval_batches_cover_every_example_once(batch_size):
 
 @pytest.mark.parametrize(
   "name,image_shape",
-  [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3)), ("fashion_mnist", (28, 28, 1))],
+  [
+    ("mnist", (28, 28, 1)),
+    ("cifar10", (32, 32, 3)),
+    ("fashion_mnist", (28, 28, 1)),
+    ("cifar100", (32, 32, 3)),
+  ],
 )
 def test_tfds_datasets_through_data_source_under_mock_data(name, image_shape, tmp_path):
   with tfds.testing.mock_data(num_examples=12):
+    data.check_available(name, data_dir=str(tmp_path))  # a tfds copy is found first
     train = data.load_dataset(name, "train", data_dir=str(tmp_path))
+  num_classes = 100 if name == "cifar100" else 10
   assert train.images.shape == (12, *image_shape) and train.images.dtype == np.uint8
   assert train.labels.shape == (12,) and train.labels.dtype == np.int32
-  assert train.labels.min() >= 0 and train.labels.max() < 10 and train.num_classes == 10
+  assert train.labels.min() >= 0 and train.labels.max() < num_classes
+  assert train.num_classes == num_classes
   x, y = data.partition_batch(train, num_partitions=2, batch_per_partition=4, seed=0, step=0)
   assert x.shape == (2, 4, *image_shape) and x.dtype == np.float32 and y.shape == (2, 4)
 
 
-@pytest.mark.parametrize("name", ["mnist", "cifar10"])
-def test_missing_tfds_dataset_gives_preparation_instructions(name, tmp_path):
+@pytest.mark.parametrize(
+  "name, archive",
+  [("mnist", "train-images-idx3-ubyte.gz"), ("cifar10", "cifar-10-binary.tar.gz")],
+)
+@pytest.mark.parametrize("check", [True, False])
+def test_missing_dataset_offline_names_both_ways_to_install_it(name, archive, check, tmp_path):
+  """conftest.py turns downloads off: the error names the archives and the tfds route, and
+  nothing is created (the download path itself is tested in downloads_test.py)."""
   with pytest.raises(data.DatasetNotPreparedError) as info:
-    data.load_dataset(name, "train", data_dir=str(tmp_path))
+    if check:
+      data.check_available(name, data_dir=str(tmp_path))
+    else:
+      data.load_dataset(name, "train", data_dir=str(tmp_path))
   message = str(info.value)
-  assert isinstance(info.value, FileNotFoundError)
+  assert isinstance(info.value, FileNotFoundError) and "\n" not in message
+  assert f"dataset {name!r} is not available" in message and "downloads are off" in message
+  assert f"{archive} (" in message and str(tmp_path / "draco_jax" / name) in message
   assert f"tfds build {name} --file_format=array_record" in message
-  assert "download_and_prepare(file_format='array_record')" in message
-  assert str(tmp_path) in message and "never downloads" in message
   assert list(tmp_path.iterdir()) == []  # nothing downloaded or created
 
 

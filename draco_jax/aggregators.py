@@ -43,7 +43,13 @@ from jax.typing import ArrayLike
 
 from draco_jax import contract
 
-__all__ = ["AGGREGATORS", "make_aggregator", "make_sliced_aggregator", "krum_scores"]
+__all__ = [
+  "AGGREGATORS",
+  "FLAGS_ONLY_NON_FINITE",
+  "make_aggregator",
+  "make_sliced_aggregator",
+  "krum_scores",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -121,9 +127,7 @@ def _positive(rule: str, what: str, value) -> float:
 
 def _checked_input(rule: str, received_PxD: ArrayLike, num_workers: int) -> jax.Array:
   x_PxD = jnp.asarray(received_PxD)
-  contract.check_received(x_PxD, num_workers)
-  if not jnp.issubdtype(x_PxD.dtype, jnp.floating):
-    raise ValueError(f"{rule} takes real floating-point messages; got dtype {x_PxD.dtype}")
+  contract.check_received(x_PxD, num_workers, contract.REAL_DTYPES, f"aggregator {rule!r}")
   return x_PxD
 
 
@@ -601,6 +605,15 @@ AGGREGATORS: dict[str, Callable[..., _Rule]] = {
   "bulyan": _bulyan,
   "centered_clipping": _centered_clipping,
 }
+# Rules that select no rows: their report.flagged marks only the non-finite rows, so they can
+# never flag a finite adversarial row (Krum, Multi-Krum and Bulyan flag the rows not selected).
+FLAGS_ONLY_NON_FINITE = (
+  "mean",
+  "coordinate_median",
+  "trimmed_mean",
+  "geometric_median",
+  "centered_clipping",
+)
 
 
 def _rule(name: str, num_workers, num_adversaries, options: dict) -> tuple[_Rule, int]:
@@ -626,14 +639,16 @@ def make_aggregator(
       ``multi_krum``: m; ``centered_clipping``: tau, iters).
 
   Returns:
-    A pure, jitted combiner ``(received_PxD, key) -> (mean_D, Report)``.
+    A pure, jitted combiner ``(received_PxD, key) -> (mean_D, Report)`` of float32 or
+    float64 messages; it warns when float64 messages arrive with jax_enable_x64 off (jit
+    combines them in float32), and raises ValueError when called on any other dtype.
 
   Raises:
     ValueError: unknown name or option, S < 0, or P below the rule's bound (Krum and
       Multi-Krum P >= 2S+3, Bulyan P >= 4S+3, trimmed mean P > 2S).
   """
   rule, p = _rule(name, num_workers, num_adversaries, options)
-  return jax.jit(_combiner(name, p, rule))
+  return contract.jit_combiner(_combiner(name, p, rule), f"aggregator {name!r}")
 
 
 def make_sliced_aggregator(

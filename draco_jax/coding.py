@@ -1,6 +1,6 @@
 """Gradient codes: which partitions each worker computes and how it combines them.
 
-Specification: shared/docs/draco-math.md §2 (fractional repetition), §3 and §8 (cyclic).
+Specification: docs/math.md §2 (fractional repetition), §3 and §8 (cyclic).
 Shape legend: P workers, K = P partitions, R = 2S+1 redundancy, S adversaries, D parameters,
 L = P - 2S (cyclic code dimension).
 
@@ -11,10 +11,12 @@ Codes:
   * ``"repetition"``: fractional repetition code (FRC). Needs R | P. Groups of R workers all
     send their group's gradient sum; decoded by a majority vote.
   * ``"cyclic"``: cyclic repetition code, centred construction (the default). Real messages for
-    every P (odd P: draco-math §3(b); even P: the half-integer band of §8), rounding gain 1 for
-    odd P and <= 2.5 for even P <= 64.
+    every P (odd P: docs/math.md §3(b); even P: the half-integer band of §8), rounding gain 1
+    for odd P and <= 2.5 for even P <= 64.
   * ``"cyclic_paper"``: the original paper's complex construction (Chen et al. 2018), kept for
-    fidelity experiments; its rounding gain grows like e^{0.3 P}.
+    fidelity experiments; its rounding gain grows like e^{0.3 P}, so it is built only inside
+    its numerical envelope (:data:`PAPER_ENVELOPE`: P <= 16 for complex64 messages, P <= 28
+    for complex128), where its certified answers are exact.
   * ``"uncoded"``: R = 1, worker k sends g_k. The input of the baseline aggregators.
 
 Every code carries a ``functional`` ℓ with ℓ^T W = 1^T, so that with no adversary
@@ -30,12 +32,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Code", "CODES", "make_code", "encode", "encode_rows", "message_dtype", "plain_mean"]
+__all__ = [
+  "Code",
+  "CODES",
+  "PAPER_ENVELOPE",
+  "make_code",
+  "check_envelope",
+  "encode",
+  "encode_rows",
+  "message_dtype",
+  "plain_mean",
+]
 
 CODES = ("repetition", "cyclic", "cyclic_paper", "uncoded")
 
-# Validated envelope for float32 messages (draco-math §5.1); outside it the factory warns.
-_FLOAT32_ENVELOPE = {"cyclic": 32, "cyclic_paper": 16}
+# Validated envelope of the centred code for float32 messages (docs/math.md §5.1); outside it
+# the factory warns (its decoder still certifies exactly or refuses, but refuses more often).
+_FLOAT32_ENVELOPE = 32
+# The paper code's numerical envelope: the largest P, by message dtype, at which every certified
+# answer was exact (within 1e-5 for complex64 messages, 1e-12 for complex128; `tiny` 1e-3·rms
+# errors within 1e-3). Measured at every S, random and contiguous placements, x(-100), 1e30,
+# constant, NaN, mixed and tiny, honest, D = 128: complex64 at P = 14-23 (4 trials per attack,
+# placement kind and S), complex128 at P = 24-31 (3). complex64: up to 1.8e-6 at P <= 17; from
+# P = 18 `tiny` was certified off by 4e-3 (P = 18), 1.5e-2 (19), 2e-2 (20), 3.8e-2 (23).
+# complex128: up to 7.3e-13 at P <= 28; 2, 17 and 44 answers off by 1.0-2.5e-12 at P = 29, 30,
+# 31. At P = 64, S = 8 (complex64) x(-100) was certified off by 4.6e8 in 20 of 20 trials.
+PAPER_ENVELOPE = {"complex64": 16, "complex128": 28}
 
 
 class Code(NamedTuple):
@@ -88,7 +110,7 @@ class Code(NamedTuple):
 
 
 def _unit_powers(p: int, exponent: np.ndarray) -> np.ndarray:
-  """e^{2πi·exponent/P}, with exponents reduced mod P first (draco-math §3, DFT entries)."""
+  """e^{2πi·exponent/P}, with exponents reduced mod P first (docs/math.md §3, DFT entries)."""
   return np.exp(2j * np.pi * (np.asarray(exponent) % p) / p)
 
 
@@ -214,7 +236,8 @@ def make_code(name: str, num_workers: int, num_adversaries: int) -> Code:
     An immutable :class:`Code`.
 
   Raises:
-    ValueError: unknown name, S < 0, P < 2S+1, or (repetition) 2S+1 not dividing P.
+    ValueError: unknown name, S < 0, P < 2S+1, (repetition) 2S+1 not dividing P, or
+      (cyclic_paper) P beyond its envelope for every message dtype (:data:`PAPER_ENVELOPE`).
   """
   _validate(name, num_workers, num_adversaries)
   p, s = int(num_workers), int(num_adversaries)
@@ -222,14 +245,41 @@ def make_code(name: str, num_workers: int, num_adversaries: int) -> Code:
     return _repetition(p, s)
   if name == "uncoded":
     return _uncoded(p, s)
-  limit = _FLOAT32_ENVELOPE[name]
-  if p > limit and s > 2:
+  if name == "cyclic_paper" and p > max(PAPER_ENVELOPE.values()):
+    raise ValueError(_outside_envelope(p))
+  if name == "cyclic" and p > _FLOAT32_ENVELOPE and s > 2:
     warnings.warn(
-      f"{name} with P={p}, S={s} is outside the validated float32 envelope (P <= {limit}, "
-      "draco-math §5.1); the decoder certifies or refuses, but may refuse more often",
+      f"cyclic with P={p}, S={s} is outside the validated float32 envelope "
+      f"(P <= {_FLOAT32_ENVELOPE}, docs/math.md §5.1); the decoder certifies or refuses, but "
+      "may refuse more often",
       stacklevel=2,
     )
   return _cyclic(name, p, s)
+
+
+def _outside_envelope(p: int, dtype_name: str | None = None) -> str:
+  given = f" for {dtype_name} messages" if dtype_name else ""
+  return (
+    f"cyclic_paper with P={p} is outside its numerical envelope{given} "
+    f"(P <= {PAPER_ENVELOPE['complex64']} for complex64 messages, from float32 gradients; "
+    f"P <= {PAPER_ENVELOPE['complex128']} for complex128, from float64 gradients with "
+    "jax_enable_x64): its rounding gain grows like e^(0.3P), and beyond the envelope its "
+    "decoder cannot certify exact answers; use the default code 'cyclic' (the same "
+    "allocation, rounding gain <= 26 at every P <= 64)"
+  )
+
+
+def check_envelope(code: Code, dtype) -> None:
+  """Raises ValueError if ``code`` cannot be decoded exactly from messages of ``dtype``.
+
+  Only the paper code has a P limit that depends on the message dtype
+  (:data:`PAPER_ENVELOPE`); every other code passes.
+  """
+  if code.name != "cyclic_paper":
+    return
+  name = jnp.dtype(dtype).name
+  if code.num_workers > PAPER_ENVELOPE.get(name, code.num_workers):
+    raise ValueError(_outside_envelope(code.num_workers, name))
 
 
 def message_dtype(code: Code, grad_dtype=jnp.float32):

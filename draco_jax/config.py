@@ -1,6 +1,6 @@
 """The training configuration: one frozen dataclass, validated before anything is built.
 
-Library code takes a :class:`TrainConfig`; only ``draco_jax.train.main`` reads flags.
+Library code takes a :class:`TrainConfig`; only ``draco_jax.cli`` (the command line) reads flags.
 Shape legend: P workers, S adversaries tolerated, t adversaries attacking, e stragglers.
 
 Every name is checked against its registry (``coding.CODES``, ``attacks.ATTACKS``,
@@ -27,11 +27,16 @@ __all__ = [
   "DATA_ATTACKS",
   "DECODER",
   "COMBINE_SHARDINGS",
+  "ASSIGNMENTS",
+  "WORKER_COMPUTES",
   "DEFAULT_MODEL_OPTIONS",
+  "TRAINING_GRADIENT_DTYPE",
   "make_optimizer",
   "validate",
 ]
 
+# The dtype of the gradients training computes (and so of the messages of real codes).
+TRAINING_GRADIENT_DTYPE = "float32"
 # The combiner name that selects the DRACO decoder of a coded scheme.
 DECODER = "draco"
 # Attacks that poison the adversarial workers' data instead of their messages.
@@ -40,6 +45,12 @@ DATA_ATTACKS = ("label_flip",)
 # the messages stay sharded and each device combines a column slice ("sharded", see
 # draco_jax/sharded.py).
 COMBINE_SHARDINGS = ("replicated", "sharded")
+# How code rows are assigned to workers each step (docs/math.md §5.6): a fresh secret
+# permutation, or worker k always computing row k.
+ASSIGNMENTS = ("random", "fixed")
+# How the simulator produces the workers' messages (draco_jax/compute.py): the K partition
+# gradients evaluated once and shared by every message, or every worker evaluating its own R.
+WORKER_COMPUTES = ("shared", "per_worker")
 
 OPTIMIZERS: dict[str, Callable[[float], optax.GradientTransformation]] = {
   "sgd": optax.sgd,
@@ -64,6 +75,7 @@ _RESUMABLE_FIELDS = (
   "overwrite",
   "over_capacity",
   "max_refused_fraction",
+  "worker_compute",  # the same messages, computed another way
 )
 
 
@@ -108,6 +120,18 @@ class TrainConfig:
     combine_sharding: a value in :data:`COMBINE_SHARDINGS`: gather all P messages onto every
       device and combine them there, or keep them sharded and spread the combiner over the
       devices (each holds a D/N column slice of every message; ``draco_jax.sharded``).
+    assignment: a value in :data:`ASSIGNMENTS`. ``random`` (coded schemes): each step the
+      server draws a fresh secret permutation and worker k computes code row ``rows_P[k]``,
+      so whichever workers are adversarial (a compromised rack: consecutive ids) hold
+      uniformly random rows of the code; ``fixed``: worker k computes row k, to study
+      worst-case placements. Uncoded baselines ignore it (their rows are interchangeable).
+    worker_compute: a value in :data:`WORKER_COMPUTES`: how the simulator computes the
+      messages, which are the same either way. ``shared``: each step evaluates the K
+      partition gradients once, sharded over the devices, and forms every worker's message
+      from them (a data poisoner's R gradients are evaluated again on its flipped labels);
+      the clean-mean diagnostic reuses them. ``per_worker``: every worker evaluates its own R
+      gradients and the diagnostic the K again, K·(R+1) per step, so that the ``gradients``
+      phase measures what the P workers of a cluster compute (for timing one worker).
     model_options: keyword options of the model factory (None: :data:`DEFAULT_MODEL_OPTIONS`).
     attack_options: keyword options of the attack factory.
     combiner_options: keyword options of the decoder or aggregator factory.
@@ -139,6 +163,8 @@ class TrainConfig:
   num_stragglers: int = 0
   num_devices: int = 0
   combine_sharding: str = "replicated"
+  assignment: str = "random"
+  worker_compute: str = "shared"
   model_options: dict[str, Any] | None = None
   attack_options: dict[str, Any] = dataclasses.field(default_factory=dict)
   combiner_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -209,6 +235,14 @@ def _check_names(config: TrainConfig) -> None:
   _check_name("model", config.model, models.MODELS)
   _check_name("dataset", config.dataset, data.DATASETS)
   _check_name("optimizer", config.optimizer, OPTIMIZERS)
+  if config.assignment not in ASSIGNMENTS:
+    raise ValueError(
+      f"assignment must be one of {', '.join(ASSIGNMENTS)}; got {config.assignment!r}"
+    )
+  if config.worker_compute not in WORKER_COMPUTES:
+    raise ValueError(
+      f"worker_compute must be one of {', '.join(WORKER_COMPUTES)}; got {config.worker_compute!r}"
+    )
   if config.combine_sharding not in COMBINE_SHARDINGS:
     raise ValueError(
       f"combine_sharding must be one of {', '.join(COMBINE_SHARDINGS)}; "
@@ -276,6 +310,9 @@ def validate(config: TrainConfig) -> TrainConfig:
   """
   _check_names(config)
   _check_numbers(config)
-  coding.make_code(config.code, config.num_workers, config.tolerance)  # raises on bad (P, S)
+  code = coding.make_code(config.code, config.num_workers, config.tolerance)  # bad (P, S)
+  # Training computes float32 gradients, so a complex code sends complex64 messages: the paper
+  # code's complex64 envelope applies (its decoder would refuse them only at the first step).
+  coding.check_envelope(code, coding.message_dtype(code, TRAINING_GRADIENT_DTYPE))
   _check_budget(config)
   return config

@@ -9,7 +9,9 @@ A *combiner* is built by a factory that binds every hyperparameter, and is then 
     mean_D, report = combiner(received_PxD, key)
 
 * ``received_PxD``: the P messages as the server received them (adversarial rows may hold
-  anything, NaN/Inf included; a missing straggler message is a row of NaN).
+  anything, NaN/Inf included; a missing straggler message is a row of NaN). float32 or
+  float64 (:data:`REAL_DTYPES`; complex64 or complex128 for complex codes), with
+  jax_enable_x64 on or off; any other dtype is refused with a ValueError (:func:`check_dtype`).
 * ``key``: a PRNG key private to the combiner (attacks never see it).
 * ``mean_D``: the estimate of the MEAN over the K partition gradients (never the sum).
   Always finite: when ``report.ok`` is False it is all zeros and the step applies no update.
@@ -22,6 +24,7 @@ input, so new adversary sets or values never recompile.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -33,11 +36,22 @@ __all__ = [
   "make_report",
   "check_options",
   "Combiner",
+  "REAL_DTYPES",
+  "COMPLEX_DTYPES",
+  "check_dtype",
   "check_received",
+  "jit_combiner",
   "finite_rows",
   "zero_if_not_ok",
   "rows_dot",
 ]
+
+# The message dtypes combiners accept: real codes and baselines send real messages, the paper's
+# cyclic code complex ones. Half precision is refused rather than decoded: one bfloat16 (float16)
+# message already carries 2^-9 (2^-12) of relative rounding per entry, so neither an exact answer
+# nor the 1e-3 bound on a certified one can be promised, and its tolerances would be guesses.
+REAL_DTYPES = ("float32", "float64")
+COMPLEX_DTYPES = ("complex64", "complex128")
 
 
 class Report(NamedTuple):
@@ -67,13 +81,73 @@ def make_report(flagged_P: jax.Array, ok: jax.Array, iterations=0) -> Report:
   )
 
 
-def check_received(received_PxD: jax.Array, num_workers: int) -> None:
-  """Raises ValueError unless ``received_PxD`` is a [P, D] array with P = num_workers."""
+def check_dtype(dtype, supported=REAL_DTYPES, what: str = "combiner") -> None:
+  """Raises ValueError unless ``dtype`` is one of ``supported``, naming it and them."""
+  name = jnp.dtype(dtype).name
+  if name in supported:
+    return
+  hint = ""
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    hint = " (half precision cannot be combined exactly: cast the messages to float32)"
+  raise ValueError(
+    f"{what}: messages of dtype {name} are not supported; supported dtypes: "
+    f"{', '.join(supported)}{hint}"
+  )
+
+
+def check_received(
+  received_PxD: jax.Array, num_workers: int, supported=REAL_DTYPES, what: str = "combiner"
+) -> None:
+  """Raises ValueError unless ``received_PxD`` is a [P, D] array with P = num_workers and a
+  dtype in ``supported`` (under jit at trace time: shapes and dtypes are static)."""
   shape = jnp.shape(received_PxD)
   if len(shape) != 2 or shape[0] != num_workers:
     raise ValueError(
       f"received must have shape [P, D] with P = num_workers = {num_workers}; got shape {shape}"
     )
+  check_dtype(jnp.result_type(received_PxD), supported, what)
+
+
+def _warn_if_truncated(received_PxD, what: str) -> None:
+  """Warns when jit is about to cast 64-bit messages to 32 bits (jax_enable_x64 off).
+
+  jit casts its arguments before tracing, so the combiner never sees the dtype it was given:
+  only the Python call can tell.
+  """
+  dtype = getattr(received_PxD, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    return
+  given, used = jnp.dtype(dtype), jax.dtypes.canonicalize_dtype(dtype)
+  if used != given:
+    warnings.warn(
+      f"{what}: got {given.name} messages, but jax_enable_x64 is off, so they are combined in "
+      f"{used.name}; enable it (jax.config.update('jax_enable_x64', True)) to keep {given.name}",
+      stacklevel=3,
+    )
+
+
+class _JittedCombiner:
+  """A jitted combiner that warns first when its messages are about to lose precision.
+
+  Every other attribute (``lower``, ``_cache_size``, ...) is the jitted function's.
+  """
+
+  def __init__(self, combine: Callable, what: str):
+    self._jitted = jax.jit(combine)
+    self._what = what
+
+  def __call__(self, received_PxD, *args, **kwargs):
+    _warn_if_truncated(received_PxD, self._what)
+    return self._jitted(received_PxD, *args, **kwargs)
+
+  def __getattr__(self, name):
+    return getattr(self._jitted, name)
+
+
+def jit_combiner(combine: Callable, what: str) -> Combiner:
+  """``jax.jit(combine)`` that warns (naming ``what``) when float64 or complex128 messages
+  arrive with jax_enable_x64 off: jit would combine them in 32 bits without a word."""
+  return _JittedCombiner(combine, what)
 
 
 def finite_rows(x_PxD: jax.Array) -> jax.Array:
@@ -97,9 +171,15 @@ def zero_if_not_ok(mean_D: jax.Array, ok: jax.Array) -> jax.Array:
 
 
 def check_options(what: str, factory: Callable, options: dict) -> None:
-  """Raises ValueError naming unknown keyword options and listing the valid ones."""
+  """The one options check of every factory (decoders, aggregators, attacks, placements, models).
+
+  A factory's options are its keyword-only parameters with a default; anything else in
+  ``options`` raises ValueError naming ``what`` (the factory), the unknown options and the
+  valid ones.
+  """
   params = inspect.signature(factory).parameters.values()
-  valid = [q.name for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY]
+  keyword = [q for q in params if q.kind is inspect.Parameter.KEYWORD_ONLY]
+  valid = [q.name for q in keyword if q.default is not inspect.Parameter.empty]
   unknown = sorted(set(options) - set(valid))
   if unknown:
     raise ValueError(

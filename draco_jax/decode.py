@@ -1,6 +1,6 @@
 """DRACO decoders: the exact mean of the honest partition gradients from coded messages.
 
-Specification: shared/docs/draco-math.md §2 (repetition vote), §4 and §8 (cyclic decoder).
+Specification: docs/math.md §2 (repetition vote), §4 and §8 (cyclic decoder).
 Shape legend: P workers, K = P partitions, S adversaries, L = P - 2S, D parameters,
 C random projection columns.
 
@@ -24,6 +24,9 @@ locate/certify arguments of §4 carry over.
 Precision. The O(P·D) passes run in the message dtype at matmul precision HIGHEST. The
 P-sized steps (syndromes, locators, fits, weights) run in float64/complex128 by enabling 64-bit
 types only while those steps are traced (``jax.enable_x64``): the user's arrays keep their dtypes.
+Messages are float32 or float64 (complex64 or complex128 for the paper code), with x64 on or
+off; every tolerance is keyed by the messages' real dtype. With float64 messages the fit's own
+float64 rounding is as large as the messages', so the certificate allows for both (_FIT_TOL).
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from draco_jax import contract
+from draco_jax import coding, contract
 from draco_jax.coding import Code
 
 __all__ = [
   "make_decoder",
   "decoder_parts",
+  "message_dtypes",
+  "check_messages",
   "DecoderParts",
   "project",
   "Projection",
@@ -51,24 +56,42 @@ __all__ = [
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# Relative agreement tolerances by message precision. Repetition copies are bit-identical in
-# simulation, so 1e-6 (float32) leaves room for reduction-order jitter on accelerators.
-_FRC_TOL = {4: 1e-6, 8: 1e-13}
+# Relative agreement tolerances by the messages' real dtype (complex64 messages use the float32
+# entries). Repetition copies are bit-identical in simulation, so 1e-6 (float32, ~17u) and
+# 1e-13 (float64, ~900u) leave room for reduction-order jitter on accelerators; with x64 on,
+# float64 copies 1e-15 apart agree (trust_test) and a 1e-3·rms error escapes all four columns
+# with ~1e-40.
+_FRC_TOL = {"float32": 1e-6, "float64": 1e-13}
 # Cyclic certificate tolerance, relative to each row's propagated rounding noise (see
 # _agreement), by message precision, at D <= 2^12. The honest residual is dominated by the
 # rounding of the float32 projection, which grows slowly with D: measured on honest messages
 # (float32-encoded, N(0,1) gradients, 8 keys, P = 8..32, every S class), the largest
 # residual/noise was 5u at D = 2^7, 8u at 2^12, 18u at 2^16, 25u at 2^20 and 34u at 2^22
 # (u = 2^-24), about u·D^(1/4), and independent of R and of the code's rounding gain. The
-# tolerance is 4u·D^(1/4) (32u at least), a margin of 4-6x over that maximum.
-_CYCLIC_TOL = {4: 32 * 2.0**-24, 8: 32 * 2.0**-53}
+# tolerance is 4u·D^(1/4) (32u at least), a margin of 4-6x over that maximum. float64 messages
+# get the same multiple of their u = 2^-53 (their projection rounds alike); their fit rounds
+# as much as they do, which _FIT_TOL covers. Together, on honest float64 messages (x64 on,
+# N(0,1) gradients, 8 keys, D = 2^7 and 2^16, every S at P = 8..32, S = 1..31 at P = 63, 64),
+# the largest residual was 0.13 of its threshold at P <= 32 and 0.24 at P = 64 (float32
+# messages, same measure, fit on all rows: 0.20 and 0.23): a margin of 4x or more.
+_CYCLIC_TOL = {"float32": 32 * 2.0**-24, "float64": 32 * 2.0**-53}
 # A cap on each row's threshold: tol·max(row norm, median row norm)·sqrt(1 − h_k), tol = 5e-6
-# (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp). It holds honest rows with a margin
-# of ~5x (residual/row norm <= 17·u·sqrt(R)·amp measured, N(0,1) gradients, D = 128..4096,
-# P <= 32) and keeps rows the fit barely checks (h_k → 1) from absorbing gross errors: at a
-# wide contiguous gap (P = 64, S = 16) the fit extrapolates, and the noise threshold alone
-# let 5 rows of N(0,1) noise pass with a 7x error in the mean.
-_COMMON_TOL = {4: 5e-6, 8: 1e-14}
+# (float32, 84u) or 1e-14 (float64, 90u) times sqrt(R)·max(1, amp). It holds honest rows with
+# a margin of ~5x (residual/row norm <= 17·u·sqrt(R)·amp measured, N(0,1) gradients,
+# D = 128..4096, P <= 32) and keeps rows the fit barely checks (h_k → 1) from absorbing gross
+# errors: at a wide contiguous gap (P = 64, S = 16) the fit extrapolates, and the noise
+# threshold alone let 5 rows of N(0,1) noise pass with a 7x error in the mean.
+_COMMON_TOL = {"float32": 5e-6, "float64": 1e-14}
+# The fit's own rounding (it runs in float64 for every message dtype), added to every row's
+# threshold in units of the row's spread n_k + Σ_j |G_kj| n_j (_Fit.spread). Negligible next
+# to float32 noise, it dominates with float64 messages: where the fit extrapolates or a row's
+# leverage nears 1, the residual of an honest row is the fit's rounding, not the messages'
+# (the same residuals refitted in 80-bit arithmetic were 5-15u). Without it the certificate
+# refused honest float64 messages at P = 9-64 (14 of 20 at P = 15, S = 1; all at P = 31,
+# S = 1). Measured on honest float64 messages (N(0,1) gradients, D = 128, 8 keys, fits on
+# the locator's kept rows and on all rows, P = 15..64): residual/spread <= 13u up to P = 32
+# and <= 39u at P = 63, 64 (u = 2^-53), while residual/noise reached 1.5e7u. 256u is 6.5x.
+_FIT_TOL = 256 * 2.0**-53
 # Projection columns. An error r times above what a row can hide under its threshold escapes
 # one Gaussian column with probability ~1/r, all m certificate columns with ~r^-m. Cyclic: all
 # eight locate (stacked), columns 1..7 certify. With four (three certifying) the `tiny` attack
@@ -128,7 +151,9 @@ def _standard_normal(key, n: int) -> jax.Array:
   data = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
   if data.shape[0] < 4:  # threefry keys have 2 words, rbg keys 4
     data = jnp.concatenate([data, data ^ jnp.uint32(0x9E3779B9)])
-  bits = jax.random.bits(jax.random.wrap_key_data(data[:4], impl="rbg"), (2, -(-n // 2)))
+  rbg_key = jax.random.wrap_key_data(data[:4], impl="rbg")
+  # uint32 explicitly: with x64 on the default is uint64, and the uniforms below leave (0, 1).
+  bits = jax.random.bits(rbg_key, (2, -(-n // 2)), jnp.uint32)
   # 23-bit uniforms strictly inside (0, 1): the logarithm is finite.
   u = ((bits >> 9).astype(jnp.float32) + 0.5) * 2.0**-23
   radius, angle = jnp.sqrt(-2.0 * jnp.log(u[0])), (2.0 * np.pi) * u[1]
@@ -225,12 +250,13 @@ def combine_rows(w_P: jax.Array, received_PxD: jax.Array, erased_P: jax.Array) -
   )
 
 
-def _bytes(dtype) -> int:
-  return jnp.finfo(dtype).bits // 8
+def _precision(dtype) -> str:
+  """The real dtype of the messages, which keys every tolerance table: float32 or float64."""
+  return jnp.finfo(dtype).dtype.name
 
 
 def _tolerance(table, dtype, tol) -> float:
-  return table[_bytes(dtype)] if tol is None else float(tol)
+  return table[_precision(dtype)] if tol is None else float(tol)
 
 
 class DecoderParts(NamedTuple):
@@ -282,8 +308,8 @@ def _lower_median_rows(v_GxR: jax.Array, erased_GxR: jax.Array) -> jax.Array:
   return jnp.take_along_axis(order_GxR, pick_G[:, None], axis=1)[:, 0]
 
 
-def _repetition_parts(code: Code, tol=None) -> DecoderParts:
-  """Majority vote of the fractional repetition code (draco-math §2).
+def _repetition_parts(code: Code, *, tol=None) -> DecoderParts:
+  """Majority vote of the fractional repetition code (docs/math.md §2).
 
   Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
   fingerprints; a row agrees with it iff its fingerprint in each of the C secret directions
@@ -416,6 +442,7 @@ class _Fit(NamedTuple):
   g: jax.Array  # G [P, P]: G·y is the fitted codeword (zero columns off the mask)
   noise: jax.Array  # noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²) [P]
   unchecked: jax.Array  # |1 − G_kk| [P]: 1 − h_k on the mask, h_k the leverage of row k
+  spread: jax.Array  # n_k + Σ_j |G_kj| n_j [P]: the scale of the fit's own 64-bit rounding
 
 
 def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
@@ -433,9 +460,13 @@ def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
   # B_off·R⁻¹ = (R⁻ᵀ·B_offᵀ)ᵀ (plain transposes: R⁻¹ itself, not its adjoint).
   solved_LxO = jax.scipy.linalg.solve_triangular(r.T, basis_off.T, lower=True)
   g_PxP = (q @ jnp.conj(q).T).at[rows].set(solved_LxO.T @ jnp.conj(q).T, mode="drop")
+  # Householder leaves ~1e-17 in Q's zeroed rows: times a finite gross row (1e30 in float64)
+  # that would inflate every row's noise and spread, and so its threshold, to O(1).
+  g_PxP = jnp.where(mask_P[None, :], g_PxP, 0)
   m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
   noise = _propagated_noise(m_PxP, norms_P)
-  return _Fit(q, r, full_rank, g_PxP, noise, jnp.abs(jnp.diagonal(m_PxP)))
+  spread = norms_P + jnp.abs(g_PxP) @ norms_P
+  return _Fit(q, r, full_rank, g_PxP, noise, jnp.abs(jnp.diagonal(m_PxP)), spread)
 
 
 def _propagated_noise(m_PxP, norms_P):
@@ -463,7 +494,7 @@ def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, fit: _Fit, 
   fitted_PxM = fit.g @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(fit.g.dtype)
   resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fitted_PxM) ** 2, axis=1))
   common = jnp.maximum(norms_P, scale) * jnp.sqrt(jnp.clip(fit.unchecked, 1e-12, 1.0))
-  threshold = jnp.minimum(tau_noise * fit.noise, tau_common * common)
+  threshold = jnp.minimum(tau_noise * fit.noise, tau_common * common) + _FIT_TOL * fit.spread
   return ~erased_P & (resid <= threshold) & fit.full_rank
 
 
@@ -557,6 +588,7 @@ def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
   # mean by 3e-2).
   unchecked = jnp.maximum(fit.unchecked, 1e-24)
   hidden = jnp.minimum(tau[0] * fit.noise / unchecked, tau_resolution * scale / jnp.sqrt(unchecked))
+  hidden = hidden + _FIT_TOL * fit.spread / unchecked
   rounding = jnp.sum(jnp.abs(weights) * norms)
   resolution = jnp.sum(jnp.abs(weights) * hidden)
   return agree, ok, weights, rounding, resolution
@@ -589,8 +621,8 @@ def _unprotected_solve(code: Code):
   return solve
 
 
-def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
-  """Certified decoder of the cyclic repetition code (draco-math §4, corrections §8).
+def _cyclic_parts(code: Code, *, tol=None) -> DecoderParts:
+  """Certified decoder of the cyclic repetition code (docs/math.md §4, corrections §8).
 
   1. Project Y on C = 8 fresh secret directions and estimate each row's norm in the same
      pass; rows with a non-finite projection are erasures.
@@ -600,8 +632,9 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
      (scale-free, no threshold).
   3. Certificate on columns 1..C-1: fit a codeword to the kept rows; a row agrees iff its
      residual is within tol_noise times its propagated rounding noise, capped by
-     tol_common·max(‖Y_k‖, median)·sqrt(1 − h_k) (see _agreement); refit on the agreeing rows
-     until stable; ok iff at least P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
+     tol_common·max(‖Y_k‖, median)·sqrt(1 − h_k), plus the fit's own float64 rounding
+     (_FIT_TOL, see _agreement); refit on the agreeing rows until stable; ok iff at least
+     P − e − ⌊(2S−e)/2⌋ rows agree and e < 2S.
   4. If not ok: peeling — move the worst flagged row to the erasures and redo 2-3, at most S
      rounds.
   5. Weights b: minimum-norm b with bᵀB[agree] = ℓᵀB, zero on dropped rows; the mean is
@@ -615,10 +648,11 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
 
   Tolerances (defaults): tol_noise = 32u·max(1, D/4096)^(1/4) with u the unit roundoff of
   the messages; tol_common = 5e-6 (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp).
-  The paper code uses tol_common for both. A given ``tol`` is used for both, as is.
+  The paper code uses tol_common for both. A given ``tol`` is used for both, as is; the fit's
+  rounding allowance (256·2^-53 of each row's spread) is added either way.
 
   Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
-  well-conditioned variant specified in shared/docs/draco-math.md.
+  well-conditioned variant specified in docs/math.md.
   """
   consts = _cyclic_constants(code)
   if code.num_adversaries == 0:
@@ -629,11 +663,11 @@ def _cyclic_parts(code: Code, tol=None) -> DecoderParts:
     sqnorm_P = jnp.mean(projection.sqnorm_PxC, axis=1)
     erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
     if tol is None:
-      common = _COMMON_TOL[_bytes(dtype)] * np.sqrt(code.redundancy) * max(1.0, code.amp)
+      common = _COMMON_TOL[_precision(dtype)] * np.sqrt(code.redundancy) * max(1.0, code.amp)
       # The paper code's messages cancel by up to its rounding gain: its noise tolerance is
       # the common one. Centred codes: the projection's rounding grows like D^(1/4) (above).
       growth = max(1.0, num_features / 4096) ** 0.25
-      noise = common if code.name == "cyclic_paper" else _CYCLIC_TOL[_bytes(dtype)] * growth
+      noise = common if code.name == "cyclic_paper" else _CYCLIC_TOL[_precision(dtype)] * growth
     else:
       noise = common = float(tol)
     with jax.enable_x64(True):
@@ -661,17 +695,38 @@ DECODERS = {
 }
 
 
+def message_dtypes(code: Code) -> tuple[str, ...]:
+  """The message dtypes the decoder of ``code`` accepts: those its encoder emits."""
+  return contract.COMPLEX_DTYPES if code.is_complex else contract.REAL_DTYPES
+
+
+def check_messages(code: Code, dtype) -> None:
+  """Raises ValueError unless the decoder of ``code`` decodes ``dtype`` messages exactly: a
+  dtype its encoder emits (never half precision or integers) and, for the paper code, one
+  inside its numerical envelope (:func:`draco_jax.coding.check_envelope`)."""
+  contract.check_dtype(dtype, message_dtypes(code), f"{code.name} decoder")
+  coding.check_envelope(code, dtype)
+
+
 def decoder_parts(code: Code, **options) -> DecoderParts:
-  """The decoder of ``code`` split at its two passes over the messages (see DecoderParts)."""
+  """The decoder of ``code`` split at its two passes over the messages (see DecoderParts).
+
+  ``solve`` raises ValueError (at trace time) for message dtypes :func:`check_messages`
+  refuses.
+  """
   if code.name not in DECODERS:
     raise ValueError(
       f"no DRACO decoder for code {code.name!r}; decoders exist for {', '.join(DECODERS)}; "
       "uncoded messages are combined with draco_jax.aggregators.make_aggregator"
     )
-  unknown = set(options) - {"tol"}
-  if unknown:
-    raise ValueError(f"unknown decoder options {sorted(unknown)}; valid options: ['tol']")
-  return DECODERS[code.name](code, **options)
+  contract.check_options(f"decoder {code.name!r}", DECODERS[code.name], options)
+  parts = DECODERS[code.name](code, **options)
+
+  def solve(projection: Projection, dtype, num_features):
+    check_messages(code, dtype)
+    return parts.solve(projection, dtype, num_features)
+
+  return parts._replace(solve=solve)
 
 
 def _sum_selected(w_P: jax.Array, received_PxD: jax.Array, num_selected: int) -> jax.Array:
@@ -701,15 +756,23 @@ def make_decoder(code: Code, **options):
 
   Returns:
     A jitted combiner. ``mean_D`` is the mean of the K partition gradients (real, in the real
-    dtype of the messages), all zeros when ``report.ok`` is False.
+    dtype of the messages), all zeros when ``report.ok`` is False. It decodes the message
+    dtypes the code's encoder emits (:func:`message_dtypes`: float32 and float64, or
+    complex64 and complex128 for ``cyclic_paper``) with jax_enable_x64 on or off; float64 and
+    complex128 messages with x64 off are combined in 32 bits, with a warning.
+
+  Raises:
+    ValueError: when called (traced) on other dtypes (half precision, integers, complex
+      messages of a real code), on a wrong shape, or on complex64 messages of a paper code
+      beyond its complex64 envelope (:func:`check_messages`).
   """
   parts = decoder_parts(code, **options)
   p = code.num_workers
 
   def decode(received_PxD, key):
-    contract.check_received(received_PxD, p)
+    contract.check_received(received_PxD, p, message_dtypes(code), f"{code.name} decoder")
     projection = project(received_PxD, key, parts.num_columns)
     weights_P, erased_P, report = parts.solve(projection, received_PxD.dtype, received_PxD.shape[1])
     return combine(parts, weights_P, erased_P, report.ok, received_PxD), report
 
-  return jax.jit(decode)
+  return contract.jit_combiner(decode, f"{code.name} decoder")

@@ -115,7 +115,8 @@ def _slice_decoder(code: Code, num_shards: int, axis_name: str, **options):
   p = code.num_workers
 
   def decode_slices(slice_PxW: jax.Array, key: jax.Array):
-    contract.check_received(slice_PxW, p)
+    dtypes = decode.message_dtypes(code)
+    contract.check_received(slice_PxW, p, dtypes, f"{code.name} decoder")
     partial = decode.project(
       slice_PxW,
       key,
@@ -219,8 +220,11 @@ def make_mesh_combiner(code: Code, mesh: Mesh, *, aggregator: str | None = None,
   local = make_sharded_combiner(code, n, aggregator=aggregator, **options)
   mapped = jax.shard_map(local, mesh=mesh, in_specs=(P(WORKER_AXIS), P()), out_specs=(P(), P()))
 
+  what = f"{code.name} decoder" if aggregator is None else f"aggregator {aggregator!r}"
+  dtypes = decode.message_dtypes(code) if aggregator is None else contract.REAL_DTYPES
+
   def combiner(received_PxD: jax.Array, key: jax.Array):
-    contract.check_received(received_PxD, code.num_workers)
+    contract.check_received(received_PxD, code.num_workers, dtypes, what)
     return mapped(received_PxD, key)
 
-  return jax.jit(combiner)
+  return contract.jit_combiner(combiner, what)

@@ -14,9 +14,11 @@ reported twice:
 
 1. ``wall_time``: measured seconds spent in training steps up to this step on this host (the
    jitted step plus the host loop around it; evaluation and phase-timing pauses excluded; the
-   first step's compilation replaced by the run's median step time). It includes the R x P
-   partition gradients of every simulated worker and the clean-gradient diagnostic of the step,
-   which a real cluster would not compute.
+   first step's compilation replaced by the run's median step time). With
+   ``worker_compute="shared"`` (the default) the host evaluates the K partition gradients once
+   per step for every method and forms all P messages from them; with ``"per_worker"`` it
+   evaluates the R x P partition gradients of every simulated worker plus K for the
+   clean-gradient diagnostic, which a real cluster would not compute.
 2. ``projected_time``: a cluster projection, ``step x projected_ms_per_step``, with
    ``projected_ms_per_step = R x t_partition + encode_ms / P + combine_ms + update_ms``:
    the slowest worker's compute (its R partition gradients, R = 1 uncoded, R = 2S+1 for DRACO,
@@ -24,10 +26,14 @@ reported twice:
    the received messages; the attack, the adversaries' own work, is timed apart as
    ``attack_ms`` and not counted) and optimizer update. ``t_partition`` is one partition's
    gradient time: the median over the uncoded runs of the file of ``grad_ms / P`` (the same
-   for every method, so
-   DRACO pays exactly R times it); phase times are the run's medians over its evaluations
-   (``draco_jax.train.time_phases``, each phase jitted and timed separately). Communication is
-   not modelled. It is a projection, labelled as such in every plot and table.
+   for every method, so DRACO pays exactly R times it). An uncoded run's gradients phase
+   evaluates K = P partition gradients in either mode (shared: the K once; per_worker: one
+   per worker), so ``t_partition`` is one partition's gradient either way, and a worker is
+   charged R of them, R/K of the shared K-gradient phase. Runs under a data attack are left
+   out of it when others exist: in shared mode their gradients phase also evaluates the
+   poisoners' gradients again. Phase times are the run's medians over its evaluations
+   (``draco_jax.train.time_phases``: the step run phase by phase, each phase waited for).
+   Communication is not modelled. It is a projection, labelled as such in every plot and table.
 """
 
 from __future__ import annotations
@@ -44,19 +50,21 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from draco_jax import coding
+from draco_jax import metrics as m
+from draco_jax.config import DATA_ATTACKS
 from draco_jax.train import train_and_evaluate
 from experiments import grid
 from experiments.presets import get_preset
 
 __all__ = ["ROW_FIELDS", "PHASES", "run_preset", "run_grid", "eval_rows", "add_projection", "main"]
 
-# train.py's phase names -> the results file's columns.
+# The step's timed phases (draco_jax.metrics) -> the results file's columns.
 PHASES = {
-  "gradients": "grad_ms",
-  "encode": "encode_ms",
-  "attack": "attack_ms",
-  "combine": "combine_ms",
-  "update": "update_ms",
+  m.GRADIENTS: "grad_ms",
+  m.ENCODE: "encode_ms",
+  m.ATTACK: "attack_ms",
+  m.COMBINE: "combine_ms",
+  m.UPDATE: "update_ms",
 }
 ROW_FIELDS = (
   "preset",
@@ -123,7 +131,7 @@ def _train(run: grid.Run, workdir: str) -> dict:
 def _read_lines(workdir: str) -> list[dict]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f if line.strip()]
-  steps = [line["step"] for line in lines]
+  steps = [line[m.STEP] for line in lines]
   if steps != list(range(1, len(lines) + 1)):
     raise ValueError(f"{workdir}: time accounting needs a metrics line per step (log_every=1)")
   return lines
@@ -131,7 +139,7 @@ def _read_lines(workdir: str) -> list[dict]:
 
 def _step_seconds(lines: list[dict]) -> np.ndarray:
   """Measured seconds per step; step 1 (compilation) counts as the run's median step."""
-  ms = np.asarray([line["ms_per_step"] for line in lines], float)
+  ms = np.asarray([line[m.MS_PER_STEP] for line in lines], float)
   if len(ms) > 1:
     ms[0] = np.median(ms[1:])
   return ms / 1e3
@@ -139,18 +147,18 @@ def _step_seconds(lines: list[dict]) -> np.ndarray:
 
 def _window(lines: list[dict]) -> dict:
   """Training statistics over the steps since the previous evaluation."""
-  adversaries = sum(line["adversaries"] for line in lines)
-  honest = sum(line["honest"] for line in lines)
-  applied = [line["deviation"] for line in lines if line["ok"]]
+  adversaries = sum(line[m.ADVERSARIES] for line in lines)
+  honest = sum(line[m.HONEST] for line in lines)
+  applied = [line[m.DEVIATION] for line in lines if line[m.OK]]
   return {
-    "loss": float(np.mean([line["loss"] for line in lines])),
-    "train_accuracy": float(np.mean([line["accuracy"] for line in lines])),
-    "flagged_fraction": sum(line["flagged_adversaries"] for line in lines) / adversaries
+    "loss": float(np.mean([line[m.LOSS] for line in lines])),
+    "train_accuracy": float(np.mean([line[m.ACCURACY] for line in lines])),
+    "flagged_fraction": sum(line[m.FLAGGED_ADVERSARIES] for line in lines) / adversaries
     if adversaries
     else None,
-    "honest_flagged_fraction": sum(line["flagged_honest"] for line in lines) / honest,
+    "honest_flagged_fraction": sum(line[m.FLAGGED_HONEST] for line in lines) / honest,
     "deviation": max(applied) if applied else None,
-    "iterations": float(np.mean([line["iterations"] for line in lines])),
+    "iterations": float(np.mean([line[m.ITERATIONS] for line in lines])),
   }
 
 
@@ -176,20 +184,20 @@ def eval_rows(record: dict, lines: list[dict], *, preset: str, target: float) ->
   wall_seconds = np.cumsum(_step_seconds(lines))
   rows, start, skipped = [], 0, 0
   for i, line in enumerate(lines):
-    skipped += int(not line["ok"])
-    if "test_accuracy" not in line:
+    skipped += int(not line[m.OK])
+    if m.TEST_ACCURACY not in line:
       continue
-    timing = line.get("timing_ms") or {}
+    timing = line.get(m.TIMING) or {}
     rows.append(
       {
         **fields,
-        "step": line["step"],
-        "accuracy": line["test_accuracy"],
+        "step": line[m.STEP],
+        "accuracy": line[m.TEST_ACCURACY],
         **_window(lines[start : i + 1]),
         "wall_time": float(wall_seconds[i]),
-        "wall_time_total": line["wall_time"],
+        "wall_time_total": line[m.WALL_TIME],
         **{column: timing.get(phase) for phase, column in PHASES.items()},
-        "step_ms": timing.get("step"),
+        "step_ms": timing.get(m.WHOLE_STEP),
         "projected_ms_per_step": None,
         "projected_time": None,
         "skipped": skipped,
@@ -205,8 +213,11 @@ def _median(rows: list[dict], column: str) -> float | None:
 
 
 def _partition_ms(runs: list[list[dict]]) -> float | None:
-  """One partition's gradient time: the median over uncoded runs of grad_ms / P."""
+  """One partition's gradient time: the median over uncoded runs of grad_ms / P (runs without
+  a data attack, when there are any: their gradients phase evaluates exactly K = P)."""
   uncoded = [rows for rows in runs if rows and rows[0]["code"] == "uncoded"]
+  clean = [rows for rows in uncoded if rows[0]["attack"] not in DATA_ATTACKS]
+  uncoded = clean or uncoded
   per_run = [(_median(rows, "grad_ms"), rows[0]["P"]) for rows in uncoded]
   per_run = [ms / p for ms, p in per_run if ms is not None]
   return float(np.median(per_run)) if per_run else None
@@ -271,7 +282,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("preset", help="a key of experiments.PRESETS")
   parser.add_argument("--tiny", action="store_true", help="the preset's tiny grid (tests)")
   parser.add_argument("--out", default=None, help="output directory (default results/PRESET)")
-  parser.add_argument("--data_dir", default=None, help="prepared tfds datasets (mnist, cifar10)")
+  parser.add_argument(
+    "--data_dir",
+    default=None,
+    help="data directory: downloaded datasets and tfds-prepared copies (default $TFDS_DATA_DIR, "
+    "else $XDG_CACHE_HOME/draco_jax, else ~/.cache/draco_jax)",
+  )
   parser.add_argument(
     "--compile_cache",
     default=None,

@@ -67,3 +67,21 @@ def test_certificate_probe_within_capacity_is_exact_and_over_it_refused():
   assert within.startswith("within cyclic P= 8 S= 3: 16 trials, accepted 1.000, silent 0"), within
   (over,) = certificate_probe.probe_over([(16, 7)], trials=4, seed=0, alphas=(1e-3,))
   assert over.startswith("over P=16 S= 7 alpha=1e-03: 4 trials, accepted 0.000, silent 0"), over
+
+
+def test_certificate_probe_top_runs_every_dtype():
+  """The top mode's line for a 32-bit and a 64-bit (x64) case; the cheap repetition code
+  stands in for the codes at their largest P, which the README's command runs."""
+  cases = (("repetition", 9, (1,), "float32"), ("repetition", 9, (1, 4), "float64"))
+  lines = certificate_probe.probe_top(trials=8, seed=0, cases=cases)
+  assert lines[0].startswith("top repetition P=9 float32 S=1: 8 trials, refused 0.000, "), lines
+  assert lines[1].startswith("top repetition P=9 float64 S=1,4: 8 trials, refused 0.000, "), lines
+  for line in lines:
+    assert "wrong>1e-3 0, wrong>1e-5 0 (0 tiny)" in line, line
+
+
+def test_certificate_probe_envelope_runs_the_unguarded_paper_decoder():
+  """The envelope mode builds and decodes the paper code past the library's refusal."""
+  (line,) = certificate_probe.probe_envelope("complex64", [5], trials=4, seed=0)
+  assert line.startswith("envelope cyclic_paper P= 5 complex64 S=1..2: 8 trials, refused 0.000, ")
+  assert "wrong>1e-3 0, wrong>1e-5 0 (0 tiny)" in line, line

@@ -6,6 +6,7 @@ to train a tiny config on 2 cores); the subprocesses inherit conftest's 8 simula
 
 import dataclasses
 import json
+import pathlib
 import re
 import shlex
 import signal
@@ -18,8 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from draco_jax import train
-from draco_jax.config import TrainConfig
+from draco_jax import aggregators, attacks, coding, data, models, train
+from draco_jax.config import DATA_ATTACKS, TrainConfig
 
 TINY_FLAGS = (
   '--model_options={"hidden": [16]}',
@@ -36,6 +37,7 @@ TINY = TrainConfig(
   timing=False,
 )
 COMMAND = (sys.executable, "-m", "draco_jax.train")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _train(*flags: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -47,7 +49,10 @@ def _snapshot(path):
 
 
 def _summary(stdout: str) -> list[str]:
-  return stdout[stdout.index("== DRACO run summary ==") :].splitlines()[1:]
+  """The summary's lines after its header (``== ... run summary: ... ==``)."""
+  lines = stdout.splitlines()
+  start = next(i for i, line in enumerate(lines) if re.match(r"== \w+ run summary: ", line))
+  return lines[start + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -60,8 +65,10 @@ def _summary(stdout: str) -> list[str]:
       "no step was applied: all 3 steps run now were refused",
     ),
     (  # over capacity: S+1 reversed replicas outvote their group (forged steps are applied),
-      # and with a straggler too one step is refused
+      # and with a straggler too one step is refused (rows fixed: a fresh row assignment would
+      # spread the replicas over the groups)
       [
+        "--assignment=fixed",
         "--code=repetition",
         "--num_workers=9",
         "--max_adversaries=1",
@@ -113,7 +120,10 @@ def _assert_one_line(result: subprocess.CompletedProcess, message: str) -> None:
   [
     ("file", "FATAL Workdir error: workdir .*/afile exists and is not a directory"),
     ("under_file", "FATAL Workdir error: cannot create workdir .*/afile/sub: .*/afile is not a"),
-    ("dataset", "FATAL Dataset error: tfds dataset 'mnist' .* not prepared .* `tfds build mnist"),
+    (
+      "dataset",
+      "FATAL Dataset error: dataset 'mnist' is not available: .*t10k-labels.*`tfds build",
+    ),
   ],
 )
 def test_runtime_errors_are_one_line_before_set_up(tmp_path, case, message):
@@ -198,3 +208,52 @@ def test_ctrl_c_checkpoints_and_the_printed_command_resumes_bit_for_bit(tmp_path
   assert len(got) == len(want) and all(map(np.array_equal, got, want))
   lines = metrics.read_text().splitlines()
   assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
+
+
+# Flags of the command line that no library import may register.
+TRAINING_FLAGS = ("num_workers", "code", "workdir", "attack", "aggregator", "steps", "resume")
+_REGISTERED_FLAGS = """
+import importlib, pathlib, sys
+from absl import flags
+root = pathlib.Path.cwd()
+names = sorted(
+  ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+  for package in ("draco_jax", "experiments", "benchmarks")
+  for path in (root / package).rglob("*.py")
+)
+for name in names:
+  if name != sys.argv[1]:
+    importlib.import_module(name)
+print(len(names), *sorted(set(sys.argv[2:]) & set(flags.FLAGS)))
+"""
+
+
+@pytest.mark.parametrize("skipped, registered", [("draco_jax.cli", ()), ("", TRAINING_FLAGS)])
+def test_library_imports_register_no_flag(skipped, registered):
+  """Importing every module of draco_jax, experiments and benchmarks but the command line
+  (draco_jax.cli) registers none of its flags; importing draco_jax.cli registers them all."""
+  result = subprocess.run(
+    [sys.executable, "-c", _REGISTERED_FLAGS, skipped, *TRAINING_FLAGS],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  count, *found = result.stdout.split()
+  assert int(count) > 20 and found == sorted(registered), result.stdout
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_says_what_the_program_does_and_lists_the_names(flag):
+  result = _train(flag, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  paragraph = result.stdout.split("\n\n")[0]
+  assert paragraph.startswith("Trains an image classifier") and "DRACO" in paragraph
+  names = result.stdout.split("valid names:")[1].split("flags:")[0]
+  for registry in (coding.CODES, aggregators.AGGREGATORS, attacks.PLACEMENTS, models.MODELS):
+    assert all(re.search(rf"\b{name}\b", names) for name in registry), registry
+  for registry in (attacks.ATTACKS, data.DATASETS, DATA_ATTACKS):
+    assert all(re.search(rf"\b{name}\b", names) for name in registry), registry
+  assert "rev_grad (alias of reverse_gradient)" in " ".join(names.split())
+  assert "--num_workers" in result.stdout and "--combine_sharding" in result.stdout

@@ -714,5 +714,7 @@ def test_decoder_rejects_wrong_worker_count(name, p, s):
 def test_make_decoder_rejects_uncoded_and_unknown_options():
   with pytest.raises(ValueError, match="no DRACO decoder for code 'uncoded'.*repetition, cyclic"):
     decode.make_decoder(coding.make_code("uncoded", 9, 2))
-  with pytest.raises(ValueError, match=re.escape("unknown decoder options ['bogus']")):
+  with pytest.raises(
+    ValueError, match=re.escape("decoder 'cyclic': unknown options ['bogus']; valid options: tol")
+  ):
     decode.make_decoder(_code("cyclic", 9, 2), bogus=1)

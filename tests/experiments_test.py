@@ -145,6 +145,14 @@ def test_projection_is_R_partition_gradients_plus_encode_combine_update():
   assert coded[1]["projected_time"] == pytest.approx(2 * coded[0]["projected_ms_per_step"] / 1e3)
   assert report.time_to_target(coded, 0.9, "step") == 2
   assert report.time_to_target(coded, 0.99, "step") is None
+  # A label-flipping uncoded run's gradients phase also evaluates the poisoners' gradients
+  # again (shared mode): it does not set one partition's gradient time.
+  evals = {1: _timed_eval(0.5, 45.0, 3.0)}
+  flipped = run.eval_rows(
+    _record("krum", "uncoded", 1, "label_flip"), _metrics([5], evals), preset="t", target=0.9
+  )
+  run.add_projection([uncoded, flipped, coded])
+  assert coded[0]["projected_ms_per_step"] == pytest.approx(5 * 1.0 + 1.5 / 15 + 0.5 + 0.5)
 
 
 def test_speedups_are_the_baseline_time_over_the_method_time():

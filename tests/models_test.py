@@ -137,7 +137,9 @@ def test_width_and_depth_options_change_size():
 def test_registry_errors():
   with pytest.raises(ValueError, match=r"unknown model 'nope'.*lenet.*mlp.*resnet18.*vgg"):
     models.make_model("nope", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match=r"unknown options \['depth'\].*valid options: \['hidden'\]"):
+  with pytest.raises(
+    ValueError, match=r"model 'mlp': unknown options \['depth'\]; valid options: hidden"
+  ):
     models.make_model("mlp", num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0), depth=3)
   with pytest.raises(ValueError, match=r"depth must be one of \[11, 13, 16\]"):
     models.make_model("vgg", num_classes=10, input_shape=(8, 8, 3), rngs=nnx.Rngs(0), depth=19)

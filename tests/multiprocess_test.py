@@ -306,7 +306,7 @@ def test_two_processes_train_like_one(tmp_path, combine_sharding):
     assert results[name] == pytest.approx(single[name]), name
   assert results["flagged_fraction"] == 1.0 and results["skipped_steps"] == 0
 
-  assert "== DRACO run summary ==" in outs[0] and "8 in 2 process(es)" in outs[0]
+  assert "== DRACO run summary: " in outs[0] and "8 in 2 process(es)" in outs[0]
   # gloo's "[Gloo] Rank k is connected to ... peer ranks" lines can arrive split by other
   # writes, so process 1's stdout is checked for our output, not for emptiness.
   assert "DRACO run summary" not in outs[1] and "test accuracy" not in outs[1]

@@ -1,4 +1,5 @@
-"""Tests for draco_jax.train and draco_jax.config: the DRACO guarantee end to end.
+"""Tests for the training API (draco_jax.train) and draco_jax.config: the DRACO guarantee end
+to end.
 
 conftest.py simulates 8 CPU devices. Each trainer compiles its step once; the attacks a test
 needs are compiled into that one step (``attack_names``) and chosen per run by ``Batch.attack``.
@@ -22,7 +23,8 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from draco_jax import data, train
+from draco_jax import cli, data, server, summary, train
+from draco_jax import step as step_lib
 from draco_jax.config import TrainConfig, validate
 
 STEPS = 20
@@ -202,7 +204,7 @@ def test_update_is_skipped_when_not_ok(ok):
   opt_state = tx.update({"w": jnp.ones(3)}, tx.init(params), params)[1]  # nonzero moments
   state = train.TrainState(jnp.int32(4), params, opt_state, jnp.int32(1))
   unravel = ravel_pytree(params)[1]
-  new = train._apply_update(tx, unravel, state, jnp.zeros(3), jnp.asarray(ok))
+  new = step_lib._apply_update(tx, unravel, state, jnp.zeros(3), jnp.asarray(ok))
   assert int(new.step) == 5 and int(new.skipped) == 1 + (not ok)
   same = jax.tree.map(np.array_equal, (new.params, new.opt_state), (params, opt_state))
   assert all(jax.tree.leaves(same)) == (not ok)
@@ -210,7 +212,7 @@ def test_update_is_skipped_when_not_ok(ok):
 
 def test_stragglers_avoid_adversaries():
   mask_P = jnp.arange(15) < 4
-  chosen = [train._stragglers(jax.random.key(i), mask_P, 3) for i in range(20)]
+  chosen = [server._stragglers(jax.random.key(i), mask_P, 3) for i in range(20)]
   assert all(int(c.sum()) == 3 and not bool(jnp.any(c & mask_P)) for c in chosen)
   assert len({tuple(np.asarray(c)) for c in chosen}) > 1  # fresh each step
 
@@ -375,7 +377,7 @@ def test_refused_steps_verdict(
     final_step=final_step,
     total_skipped_steps=total_skipped,
   )
-  none, warnings = train._refusals(results, 0.1)
+  none, warnings = summary.refusals(results, 0.1)
   assert none == no_step_applied
   assert len(warnings) == (warning is not None)
   assert warning is None or re.search(warning, warnings[0]), warnings
@@ -390,7 +392,7 @@ def test_refused_steps_verdict(
   ],
 )
 def test_resume_command(argv):
-  command = train._resume_command(argv, "/runs/a b")
+  command = cli._resume_command(argv, "/runs/a b")
   expected = [sys.executable, "-m", "draco_jax.train", "--steps=5", "--seed=1", "--resume"]
   assert shlex.split(command) == [*expected, "--workdir=/runs/a b"]
 

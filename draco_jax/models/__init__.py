@@ -18,6 +18,7 @@ from typing import Any
 
 from flax import nnx
 
+from draco_jax import contract
 from draco_jax.models.lenet import LeNet
 from draco_jax.models.mlp import MLP
 from draco_jax.models.resnet import ResNet
@@ -71,12 +72,9 @@ def make_model(
   Raises:
     ValueError: unknown model name or option, or a non-positive ``num_classes``.
   """
-  valid = model_options(name)
-  unknown = sorted(set(options) - set(valid))
-  if unknown:
-    raise ValueError(
-      f"model {name!r} got unknown options {unknown}; valid options: {sorted(valid)}"
-    )
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")
+  contract.check_options(f"model {name!r}", MODELS[name].__init__, options)
   if int(num_classes) < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}")
   return MODELS[name](

@@ -1,0 +1,151 @@
+"""Tests for draco_jax.compute: the shared worker-compute mode sends the per-worker messages.
+
+conftest.py simulates 8 CPU devices. The messages of both modes are compared bit for bit:
+a shared-mode message is ``coding.encode_rows`` on the same R gradients as the worker's, in the
+same order, and each partition gradient is the same vmapped function of the same inputs.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from draco_jax import coding, compute, train
+from draco_jax.config import TrainConfig, validate
+
+# D = 4,810: two whole blocks of the shared encoding's columns and a remainder.
+TINY = TrainConfig(
+  model_options={"hidden": (64,)},
+  optimizer="sgd",
+  learning_rate=0.1,
+  batch_per_partition=4,
+  placement="random",
+  timing=False,
+)
+ATTACKS = ("reverse_gradient", "label_flip")
+# (code, P, S, devices): cyclic halos from two successors; a repetition group straddling two
+# devices; the halo as large as an all-gather (so an all-gather); complex messages; uncoded.
+MESSAGE_CASES = [
+  ("cyclic", 8, 2, 4),
+  ("repetition", 6, 1, 3),
+  ("cyclic", 8, 3, 2),
+  ("cyclic_paper", 7, 1, 1),
+  ("uncoded", 8, 2, 2),
+]
+STEPS = 20
+
+
+@functools.cache
+def _trainer(code, p, s, devices, compute_mode, combine_sharding="replicated"):
+  config = dataclasses.replace(
+    TINY,
+    code=code,
+    aggregator="draco" if code != "uncoded" else "mean",
+    num_workers=p,
+    num_adversaries=s,
+    num_devices=devices,
+    worker_compute=compute_mode,
+    combine_sharding=combine_sharding,
+  )
+  return train.make_trainer(config, attack_names=ATTACKS)
+
+
+def _messages(trainer, step: int, attack: int):
+  """(poison_P, sent, (loss, accuracy, clean_D)) of one step, phase by phase."""
+  phases, state = trainer.phases, trainer.init_state()
+  batch, key = trainer.step_inputs(step, attack)
+  _, _, poison_P = phases.masks(key, state.step, batch.attack)
+  grads = phases.gradients(state.params, poison_P, batch.x, batch.y)
+  clean = phases.clean(state.params, batch.x, batch.y, grads)
+  return jax.device_get((poison_P, phases.encode(grads), clean))
+
+
+@pytest.mark.parametrize("code, p, s, devices", MESSAGE_CASES)
+def test_shared_messages_equal_per_worker_ones(code, p, s, devices):
+  """Bit for bit, honest and label-flipping workers alike, and the diagnostic too."""
+  shared = _trainer(code, p, s, devices, "shared")
+  per_worker = _trainer(code, p, s, devices, "per_worker")
+  for attack, name in enumerate(ATTACKS):
+    poison_P, got, got_clean = _messages(shared, 1, attack)
+    _, want, want_clean = _messages(per_worker, 1, attack)
+    assert int(poison_P.sum()) == (s if name == "label_flip" else 0)
+    assert got.dtype == coding.message_dtype(shared.code, np.float32)
+    np.testing.assert_array_equal(got, want, err_msg=name)
+    for g, w in zip(got_clean, want_clean):
+      np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def test_poisoned_rows_send_flipped_gradients():
+  """The label-flipped rows differ from the honest messages of the same step, no other row."""
+  trainer = _trainer("cyclic", 8, 2, 4, "shared")
+  poison_P, flipped, _ = _messages(trainer, 1, ATTACKS.index("label_flip"))
+  _, honest, _ = _messages(trainer, 1, ATTACKS.index("reverse_gradient"))
+  changed_P = np.any(flipped != honest, axis=1)
+  np.testing.assert_array_equal(changed_P, poison_P)
+
+
+def _train(trainer):
+  state = trainer.init_state()
+  for step in range(STEPS):
+    state, metrics = train.train_step(trainer, state, step, step % len(ATTACKS))
+    assert metrics["ok"] == 1.0 and metrics["flagged_adversaries"] == metrics["adversaries"]
+  assert trainer.update_fn._cache_size() == 1  # one program for both attacks and every mask
+  return np.asarray(ravel_pytree(state.params)[0])
+
+
+@pytest.mark.parametrize(
+  "devices, combine_sharding",
+  [(1, "replicated"), (4, "replicated"), pytest.param(4, "sharded", marks=pytest.mark.slow)],
+)
+def test_training_is_the_same_in_both_modes(devices, combine_sharding):
+  """20 steps (reversed gradients and label flipping in turn) end at the same parameters."""
+  args = ("cyclic", 8, 2, devices)
+  shared = _train(_trainer(*args, "shared", combine_sharding))
+  per_worker = _train(_trainer(*args, "per_worker", combine_sharding))
+  assert np.max(np.abs(shared - per_worker)) <= 1e-6
+
+
+def _tables(exchange: compute._Exchange, support_PxR: np.ndarray, n: int) -> list[np.ndarray]:
+  """Each device's table of partition ids, built the way the shard_map builds it."""
+  p = support_PxR.shape[0] // n
+  own = [np.arange(d * p, (d + 1) * p) for d in range(n)]
+  if exchange.gather_all:
+    return [np.arange(n * p)] * n
+  tables = [list(rows) for rows in own]
+  for shift, send in zip(exchange.shifts, exchange.sends):
+    send_Nxh = send.reshape(n, -1)
+    for source in range(n):
+      tables[(source - shift) % n] += list(own[source][send_Nxh[source]])
+  return [np.asarray(t) for t in tables]
+
+
+@pytest.mark.parametrize(
+  "code, p, s, n, received",
+  [
+    ("cyclic", 45, 5, 5, 10),  # R - 1 partitions of the successors, not (N - 1)·p = 36
+    ("cyclic", 45, 10, 5, 20),
+    ("cyclic", 8, 3, 2, 4),  # R - 1 = 6 > P - p = 4: everything, so one all-gather
+    ("repetition", 45, 2, 5, 8),
+    ("repetition", 15, 2, 3, 0),  # groups of 5 within devices of 5: nothing to exchange
+    ("uncoded", 8, 0, 4, 0),
+    ("cyclic", 15, 2, 1, 0),
+  ],
+)
+def test_exchange_gives_every_device_its_rows_partitions(code, p, s, n, received):
+  c = coding.make_code(code, p, s) if p <= 32 or code != "cyclic" else None
+  support_PxR = np.asarray(c.support) if c else coding._cyclic_support(p, 2 * s + 1)
+  exchange = compute._exchange_plan(support_PxR, n)
+  assert exchange.received == received
+  assert exchange.gather_all == (code == "cyclic" and (p, s, n) == (8, 3, 2))
+  tables = _tables(exchange, support_PxR, n)
+  rows = p // n
+  for k in range(p):
+    np.testing.assert_array_equal(tables[k // rows][exchange.index_PxR[k]], support_PxR[k])
+
+
+def test_worker_compute_is_validated():
+  with pytest.raises(ValueError, match="worker_compute must be one of shared, per_worker"):
+    validate(TrainConfig(worker_compute="pooled"))

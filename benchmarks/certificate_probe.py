@@ -2,8 +2,8 @@ r"""How often the cyclic decoder certifies a wrong answer: fresh random trials, 
 
 Every trial draws new gradients (float32; float64 for 64-bit messages; D = 512), a new
 placement, attack and key, and compares the decoded mean with the float64 mean of the honest
-partition gradients, using the test suite's own references and attacks
-(``tests/decode_test.py``). "silent" counts accepted answers (``ok``) off by more than 1e-3,
+partition gradients, using the references and attacks the tests use
+(:mod:`draco_jax.testing`). "silent" counts accepted answers (``ok``) off by more than 1e-3,
 relative: the issue's "never a silent error above 1e-3".
 
 Four modes:
@@ -46,7 +46,7 @@ import jax
 import numpy as np
 
 from draco_jax import coding, decode
-from tests import decode_test as reference
+from draco_jax import testing as reference
 
 WITHIN_CASES = {
   "cyclic": ((31, 3), (31, 15), (32, 4), (32, 8), (63, 4), (63, 8), (64, 2), (64, 16)),
@@ -68,10 +68,12 @@ D = 512
 
 def _trial(p, s, rows, make_received, rng, name="cyclic"):
   """One fresh trial of code ``name``: (ok, relative error of the mean)."""
-  setup = reference._setup(name, p, s, seed=int(rng.integers(2**31)), d=D)
-  mask_P = reference._mask(p, rows)
+  setup = reference.setup(name, p, s, seed=int(rng.integers(2**31)), d=D)
+  mask_P = reference.mask(p, rows)
   received_PxD = make_received(setup.sent_PxD, mask_P)
-  out = reference._decode(setup, received_PxD, jax.random.key(int(rng.integers(2**31))), mask_P)
+  out = reference.decode_outcome(
+    setup, received_PxD, jax.random.key(int(rng.integers(2**31))), mask_P
+  )
   return bool(out.ok), float(out.err)
 
 
@@ -85,8 +87,15 @@ def _summary(label, outcomes):
   )
 
 
-def probe_within(cases, trials: int, seed: int, name: str = "cyclic") -> list[str]:
-  """At most S bad rows: half random, half contiguous placements, every attack in turn."""
+WITHIN_ATTACKS = (*reference.ATTACKS, "scale", "mixed_noise")
+
+
+def probe_within(
+  cases, trials: int, seed: int, name: str = "cyclic", assignment: str = "fixed"
+) -> list[str]:
+  """At most S bad workers: half random, half contiguous, every attack in turn. With
+  ``assignment="random"`` the workers hold code rows drawn by a fresh permutation per trial
+  (the training step's default, docs/math.md §5.6); with ``fixed``, row = worker."""
   rng = np.random.default_rng(seed)
   lines = []
   for p, s in cases:
@@ -95,20 +104,22 @@ def probe_within(cases, trials: int, seed: int, name: str = "cyclic") -> list[st
       size = int(rng.integers(1, s + 1))
       start = int(rng.integers(p))
       rows = (
-        reference._contiguous(p, size, start) if trial % 2 else reference._random_rows(rng, p, size)
+        reference.contiguous(p, size, start) if trial % 2 else reference.random_rows(rng, p, size)
       )
-      attack = reference.ATTACKS[(trial // 2) % len(reference.ATTACKS)]
+      if assignment == "random":
+        rows = tuple(sorted(rng.permutation(p)[list(rows)].tolist()))
+      attack = WITHIN_ATTACKS[(trial // 2) % len(WITHIN_ATTACKS)]
       outcomes.append(
         _trial(
           p,
           s,
           rows,
-          lambda sent, mask, attack=attack: reference._attack(attack, sent, mask, rng),
+          lambda sent, mask, attack=attack: reference.attack(attack, sent, mask, rng),
           rng,
           name,
         )
       )
-    lines.append(_summary(f"within {name} P={p:2d} S={s:2d}", outcomes))
+    lines.append(_summary(f"within {name} {assignment} rows P={p:2d} S={s:2d}", outcomes))
     print(lines[-1], flush=True)
   return lines
 
@@ -122,10 +133,8 @@ def probe_over(cases, trials: int, seed: int, alphas=ALPHAS) -> list[str]:
       _trial(
         p,
         s,
-        reference._contiguous(p, s + 1, int(rng.integers(p))),
-        lambda sent, mask, alpha=alpha: reference._attack(
-          "tiny", sent, mask, rng, tiny_scale=alpha
-        ),
+        reference.contiguous(p, s + 1, int(rng.integers(p))),
+        lambda sent, mask, alpha=alpha: reference.attack("tiny", sent, mask, rng, tiny_scale=alpha),
         rng,
       )
       for _ in range(trials)
@@ -138,10 +147,10 @@ def probe_over(cases, trials: int, seed: int, alphas=ALPHAS) -> list[str]:
 def _top_received(attack, sent_PxD, mask_P, rng):
   """The tests' attacks, plus `mixed`: one bad row 1e30·N(0,1), the others z − 100z."""
   if attack != "mixed":
-    return reference._attack(attack, sent_PxD, mask_P, rng)
-  received_PxD = reference._attack("rev_grad", sent_PxD, mask_P, rng)
-  first_P = reference._mask(len(mask_P), np.flatnonzero(mask_P)[:1])
-  return reference._attack("huge", received_PxD, first_P, rng)
+    return reference.attack(attack, sent_PxD, mask_P, rng)
+  received_PxD = reference.attack("rev_grad", sent_PxD, mask_P, rng)
+  first_P = reference.mask(len(mask_P), np.flatnonzero(mask_P)[:1])
+  return reference.attack("huge", received_PxD, first_P, rng)
 
 
 def _top_trial(decoder, code, dtype, rng, trial):
@@ -152,13 +161,11 @@ def _top_trial(decoder, code, dtype, rng, trial):
     grads_KxD = grads_KxD.astype(np.float32).astype(np.float64)
   sent_PxD = (code.matrix @ grads_KxD).astype(dtype)
   size, start = int(rng.integers(1, s + 1)), int(rng.integers(p))
-  rows = (
-    reference._contiguous(p, size, start) if trial % 2 else reference._random_rows(rng, p, size)
-  )
+  rows = reference.contiguous(p, size, start) if trial % 2 else reference.random_rows(rng, p, size)
   attack = TOP_ATTACKS[(trial // 2) % len(TOP_ATTACKS)]
-  received_PxD = _top_received(attack, sent_PxD, reference._mask(p, rows), rng)
+  received_PxD = _top_received(attack, sent_PxD, reference.mask(p, rows), rng)
   mean_D, report = decoder(received_PxD, jax.random.key(int(rng.integers(2**31))))
-  return attack, bool(report.ok), reference._rel(np.asarray(mean_D), grads_KxD.mean(0))
+  return attack, bool(report.ok), reference.relative_error(np.asarray(mean_D), grads_KxD.mean(0))
 
 
 def _top_summary(label, outcomes, precision=1e-5):
@@ -185,7 +192,7 @@ def probe_top(trials: int, seed: int, cases=TOP_CASES) -> list[str]:
     outcomes = []
     with jax.enable_x64(np.finfo(dtype).bits == 64):
       for s in s_values:
-        code = reference._code(name, p, s)
+        code = reference.cached_code(name, p, s)
         decoder = decode.make_decoder(code)
         per_s = -(-trials // len(s_values))
         outcomes += [_top_trial(decoder, code, np.dtype(dtype), rng, i) for i in range(per_s)]
@@ -233,6 +240,12 @@ def main():
   parser.add_argument("--trials", type=int, default=300, help="fresh trials per case")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
+    "--assignment",
+    choices=("fixed", "random"),
+    default="fixed",
+    help="within only: row = worker, or rows by a fresh secret permutation per trial",
+  )
+  parser.add_argument(
     "--dtype", choices=("complex64", "complex128"), default="complex64", help="envelope only"
   )
   parser.add_argument("--p", default="14-20", help="envelope only: P values, FIRST-LAST")
@@ -246,7 +259,7 @@ def main():
   warnings.filterwarnings("ignore")
   if args.mode == "within":
     code = args.code or "cyclic"
-    probe_within(WITHIN_CASES[code], args.trials, args.seed, code)
+    probe_within(WITHIN_CASES[code], args.trials, args.seed, code, args.assignment)
   elif args.mode == "over":
     probe_over(OVER_CASES, args.trials, args.seed)
   elif args.mode == "top":

@@ -15,16 +15,13 @@ Command:
     python -m experiments.run offline --out results/offline
     python -m experiments.report results/offline/results.jsonl --out results/offline
 
-Expected result (measured on 2 shared CPU cores on 2026-12-01; ``report.md`` has every
-number): both DRACO curves equal the adversary-free curve at every evaluation (max |difference|
-0.000; 0.978 test accuracy at step 100), the undefended mean stays at chance (0.08-0.10), and
-Krum never reaches 95%. DRACO's combine (the server's decode of the received messages; the
-attack is timed apart) takes 1.0-1.8 ms: 2-3x below Krum's 2.9-3.5 ms, 3-6x below the
-sort-based rules' 5.3-9.4 ms and 15-25x below the geometric median's 23-32 ms (P = 15,
-D = 85k; ``combine_timing.png`` shows the gap growing with P and D). Time to 95% test
-accuracy: DRACO is 9.0-16.6x faster than the geometric median in projected cluster time, and
-1.0-1.7x in measured wall time on this host, which computes all R x P partition gradients of
-the simulated workers.
+Expected result (the measured figures are the README's headline table, "Results: DRACO vs
+robust aggregation", and ``docs/offline_report.md``): both DRACO curves equal the
+adversary-free curve at every evaluation, the undefended mean stays at chance, Krum does not
+reach 95%, and DRACO's combine costs a fraction of the robust rules' (``combine_timing.png``
+shows the gap growing with P and D). DRACO reaches 95% several times sooner than the geometric
+median in projected cluster time; in wall time on one host, where the simulator computes the
+workers' gradients, the two are closer.
 
 Runtime: 3-8 minutes in all on 2 CPU cores (33 runs in 2.5-5.5 minutes, the report and its
 combiner timing sweep in 1-2 minutes), depending on what else the machine runs.

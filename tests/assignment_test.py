@@ -16,8 +16,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from draco_jax import coding, server, train
+from draco_jax import testing as ref
 from draco_jax.config import TrainConfig
-from tests import decode_test as ref
 
 # P: S. Every contiguous set of workers (start, length <= S) is tried at each P.
 REGION = {24: 5, 31: 8, 32: 8, 48: 8, 63: 8, 64: 8}
@@ -31,19 +31,6 @@ SMALL = ("scale", "tiny")  # x(1 + 1e-3) and z + 1e-3·rms·N(0, 1)
 SMALL_EXACT_MAX_P = 32
 
 
-def _attack(name, sent_PxD, mask_P, rng):
-  if name == "scale":
-    received_PxD = sent_PxD.copy()
-    received_PxD[mask_P] = sent_PxD[mask_P].astype(np.float64) * (1 + 1e-3)
-    return received_PxD
-  if name == "mixed_noise":  # rows of noise from 1e-3 to 1e3 times a gradient's size
-    received_PxD, n = sent_PxD.copy(), int(mask_P.sum())
-    scale_N = 10.0 ** rng.uniform(-3, 3, size=(n, 1))
-    received_PxD[mask_P] = scale_N * rng.standard_normal((n, sent_PxD.shape[1]))
-    return received_PxD
-  return ref._attack(name, sent_PxD, mask_P, rng)
-
-
 def _rows(p, workers, rng, assigned):
   """The code rows the bad workers compute: a fresh random permutation, or row = worker."""
   rows_P = rng.permutation(p) if assigned else np.arange(p)
@@ -52,21 +39,21 @@ def _rows(p, workers, rng, assigned):
 
 def _outcomes(p, s, attacks, assigned, placement="contiguous"):
   """[(attack, rows, Outcome)] over every contiguous set of workers (start, length <= S)."""
-  setup = ref._setup("cyclic", p, s, seed=p, d=512)
+  setup = ref.setup("cyclic", p, s, seed=p, d=512)
   rng = np.random.default_rng(p * 100 + s)
   keys = iter(jax.random.split(jax.random.key(p), p * s))
   out = []
   for i, (length, start) in enumerate((n, a) for n in range(1, s + 1) for a in range(p)):
     workers = (
-      ref._contiguous(p, length, start)
+      ref.contiguous(p, length, start)
       if placement == "contiguous"
-      else ref._random_rows(rng, p, length)
+      else ref.random_rows(rng, p, length)
     )
     rows = _rows(p, workers, rng, assigned)
-    mask_P = ref._mask(p, rows)
+    mask_P = ref.mask(p, rows)
     attack = attacks[i % len(attacks)]
-    received_PxD = _attack(attack, setup.sent_PxD, mask_P, rng)
-    out.append((attack, rows, ref._decode(setup, received_PxD, next(keys), mask_P)))
+    received_PxD = ref.attack(attack, setup.sent_PxD, mask_P, rng)
+    out.append((attack, rows, ref.decode_outcome(setup, received_PxD, next(keys), mask_P)))
   return out
 
 
@@ -74,8 +61,8 @@ def _check(outcomes, precision):
   """(refused count, failures): a certified answer must be within ``precision`` (and, when
   that is exact, flag every changed row)."""
   refused = sum(not o.ok for _, _, o in outcomes)
-  exact = ref._exact if precision <= ref.PRECISION else lambda o, limit: o.err <= limit
-  failures = [ref._describe(a, r, o) for a, r, o in outcomes if o.ok and not exact(o, precision)]
+  exact = ref.exact if precision <= ref.PRECISION else lambda o, limit: o.err <= limit
+  failures = [ref.describe(a, r, o) for a, r, o in outcomes if o.ok and not exact(o, precision)]
   return refused, failures
 
 

@@ -14,11 +14,8 @@ Heavier parametrisations (every S at P = 15, 16 with 200 random sets; more S at 
 xfail(strict=False).
 """
 
-import functools
 import itertools
 import re
-import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,124 +23,25 @@ import numpy as np
 import pytest
 
 from draco_jax import coding, decode
+from draco_jax.testing import (
+  ATTACKS,
+  LOOSE,
+  PRECISION,
+  D,
+)
+from draco_jax.testing import attack as _attack
+from draco_jax.testing import cached_code as _code
+from draco_jax.testing import cached_decoder as _decoder
+from draco_jax.testing import contiguous as _contiguous
+from draco_jax.testing import decode_outcome as _decode
+from draco_jax.testing import describe as _describe
+from draco_jax.testing import exact as _exact
+from draco_jax.testing import mask as _mask
+from draco_jax.testing import random_rows as _random_rows
+from draco_jax.testing import relative_error as _rel
+from draco_jax.testing import setup as _setup
 
-D = 128
-ATTACKS = ("rev_grad", "constant", "huge", "tiny", "nan", "inf", "gaussian", "collude")
-PRECISION = 1e-5  # float32 messages, relative to the float64 mean (docs/math.md §7)
-LOOSE = 1e-3  # the error a certified answer may never exceed, anywhere
-CHANGED = 1e-3  # a bad row changed by more than this (relative) must be flagged
-
-
-# --------------------------------------------------------------------------- set-up
-
-
-@functools.cache
-def _code(name, p, s):
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)  # float32 envelope warning, see coding_test
-    return coding.make_code(name, p, s)
-
-
-@functools.cache
-def _decoder(name, p, s):
-  return decode.make_decoder(_code(name, p, s))
-
-
-class Setup(NamedTuple):
-  code: coding.Code
-  decoder: object
-  grads_KxD: np.ndarray
-  sent_PxD: np.ndarray
-  truth_D: np.ndarray
-
-
-def _message_dtype(code):
-  return np.complex64 if np.iscomplexobj(code.matrix) else np.float32
-
-
-def _setup(name, p, s, seed, d=D):
-  code = _code(name, p, s)
-  grads_KxD = np.random.default_rng(seed).standard_normal((p, d)).astype(np.float32)
-  sent_PxD = (code.matrix @ grads_KxD.astype(np.float64)).astype(_message_dtype(code))
-  truth_D = grads_KxD.astype(np.float64).mean(0)
-  return Setup(code, _decoder(name, p, s), grads_KxD, sent_PxD, truth_D)
-
-
-def _mask(p, rows):
-  mask_P = np.zeros(p, bool)
-  mask_P[list(rows)] = True
-  return mask_P
-
-
-def _noise(rng, shape, cplx):
-  x = rng.standard_normal(shape)
-  return x + 1j * rng.standard_normal(shape) if cplx else x
-
-
-def _attack(name, sent_PxD, mask_P, rng, tiny_scale=1e-3):
-  """Numpy attacks of docs/math.md §6 on the masked rows (cyclic codes: z - 100z for rev_grad).
-
-  ``tiny`` adds ``tiny_scale``·rms(row)·N(0, 1) to each bad row.
-  """
-  bad_NxD = sent_PxD[mask_P].astype(np.complex128 if np.iscomplexobj(sent_PxD) else np.float64)
-  shape, cplx = bad_NxD.shape, np.iscomplexobj(sent_PxD)
-  if name == "rev_grad":
-    new = bad_NxD - 100 * bad_NxD
-  elif name == "constant":
-    new = np.full(shape, -100.0)
-  elif name in ("huge", "large"):
-    new = (1e30 if name == "huge" else 1e12) * _noise(rng, shape, cplx)
-  elif name == "tiny":
-    rms_N = np.sqrt(np.mean(np.abs(bad_NxD) ** 2, axis=1, keepdims=True))
-    new = bad_NxD + tiny_scale * rms_N * _noise(rng, shape, cplx)
-  elif name in ("nan", "inf"):
-    new = bad_NxD.copy()
-    new[rng.random(shape) < 0.1] = np.nan if name == "nan" else np.inf
-  elif name == "gaussian":
-    new = _noise(rng, shape, cplx)
-  elif name == "collude":
-    new = np.broadcast_to(_noise(rng, shape[1:], cplx), shape)
-  else:
-    raise ValueError(name)
-  received_PxD = sent_PxD.copy()
-  received_PxD[mask_P] = new
-  return received_PxD
-
-
-def _changed(sent_PxD, received_PxD):
-  """bool [P]: rows that are non-finite or moved by more than CHANGED relative."""
-  with np.errstate(invalid="ignore", over="ignore"):
-    delta_P = np.linalg.norm(received_PxD.astype(np.complex128) - sent_PxD, axis=1)
-    size_P = np.linalg.norm(sent_PxD.astype(np.complex128), axis=1)
-    finite_P = np.all(np.isfinite(received_PxD), axis=1)
-    return ~finite_P | (delta_P > CHANGED * size_P)
-
-
-def _rel(x_D, ref_D):
-  return float(np.linalg.norm(np.asarray(x_D, np.float64) - ref_D) / np.linalg.norm(ref_D))
-
-
-class Outcome(NamedTuple):
-  err: float
-  ok: bool
-  missed: list  # bad rows that changed but were not flagged
-  mean_D: np.ndarray
-  flagged_P: np.ndarray
-
-
-def _decode(setup, received_PxD, key, mask_P):
-  mean_D, report = setup.decoder(received_PxD, key)
-  mean_D, flagged_P = np.asarray(mean_D), np.asarray(report.flagged)
-  missed = np.flatnonzero(mask_P & _changed(setup.sent_PxD, received_PxD) & ~flagged_P)
-  return Outcome(_rel(mean_D, setup.truth_D), bool(report.ok), missed.tolist(), mean_D, flagged_P)
-
-
-def _exact(out, precision=PRECISION):
-  return out.ok and out.err <= precision and not out.missed
-
-
-def _describe(attack, rows, out):
-  return f"{attack} rows={list(rows)}: ok={out.ok} err={out.err:.2e} missed={out.missed}"
+# --------------------------------------------------------------------------- helpers
 
 
 def _run_cases(setup, cases, seed, accept):
@@ -165,14 +63,6 @@ def _assert_none(count, failures):
 
 def _subsets(p, max_size):
   return [c for t in range(1, max_size + 1) for c in itertools.combinations(range(p), t)]
-
-
-def _contiguous(p, size, start):
-  return tuple(int(k) for k in (start + np.arange(size)) % p)
-
-
-def _random_rows(rng, p, size):
-  return tuple(sorted(rng.choice(p, size, replace=False).tolist()))
 
 
 # --------------------------------------------------------------------------- known failures

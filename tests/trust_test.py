@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from draco_jax import aggregators, coding, config, decode
-from tests import decode_test as reference
+from draco_jax import testing as reference
 
 D = 128
 GROSS = ("rev_grad", "constant", "huge", "nan", "mixed")
@@ -77,23 +77,23 @@ def _messages(code, dtype, rng, d=D):
 def _attack(name, sent_PxD, mask_P, rng):
   """decode_test's attacks, plus `mixed`: one bad row 1e30·N(0,1), the others z − 100z."""
   if name != "mixed":
-    return reference._attack(name, sent_PxD, mask_P, rng)
+    return reference.attack(name, sent_PxD, mask_P, rng)
   rows = np.flatnonzero(mask_P)
-  received_PxD = reference._attack("rev_grad", sent_PxD, mask_P, rng)
-  return reference._attack("huge", received_PxD, reference._mask(len(mask_P), rows[:1]), rng)
+  received_PxD = reference.attack("rev_grad", sent_PxD, mask_P, rng)
+  return reference.attack("huge", received_PxD, reference.mask(len(mask_P), rows[:1]), rng)
 
 
 def _placements(p, s, rng):
-  return {"random": reference._random_rows(rng, p, s), "contiguous": reference._contiguous(p, s, 1)}
+  return {"random": reference.random_rows(rng, p, s), "contiguous": reference.contiguous(p, s, 1)}
 
 
 def _outcome(decoder, received_PxD, sent_PxD, truth_D, mask_P, key):
   """(ok, relative error, bad rows changed but not flagged, honest rows flagged)."""
   mean_D, report = decoder(jnp.asarray(received_PxD), key)
   flagged_P = np.asarray(report.flagged)
-  missed = mask_P & reference._changed(sent_PxD, received_PxD) & ~flagged_P
+  missed = mask_P & reference.changed(sent_PxD, received_PxD) & ~flagged_P
   honest_flagged = ~mask_P & flagged_P
-  err = reference._rel(np.asarray(mean_D), truth_D)
+  err = reference.relative_error(np.asarray(mean_D), truth_D)
   return bool(report.ok), err, np.flatnonzero(missed).tolist(), np.flatnonzero(honest_flagged)
 
 
@@ -209,7 +209,7 @@ def test_decoders_are_exact_with_x64_on_for_every_message_dtype(name, p, s, dtyp
       if not (ok and err <= precision and not flagged.size):
         failures.append(f"honest: ok={ok} err={err:.1e} flagged={flagged.tolist()}")
     for (kind, rows), attack in itertools.product(_placements(p, s, rng).items(), ATTACKS):
-      mask_P = reference._mask(p, rows)
+      mask_P = reference.mask(p, rows)
       received_PxD = _attack(attack, sent_PxD, mask_P, rng)
       ok, err, missed, _ = _outcome(decoder, received_PxD, sent_PxD, truth_D, mask_P, next(keys))
       if not (ok and err <= precision and not missed):
@@ -226,7 +226,7 @@ def test_repetition_vote_tolerates_float64_jitter():
     jittered_PxD = sent_PxD * (1 + 1e-15 * rng.standard_normal(sent_PxD.shape))
     mean_D, report = decoder(jittered_PxD, jax.random.key(0))
     assert bool(report.ok) and not np.any(report.flagged)
-    assert reference._rel(np.asarray(mean_D), truth_D) <= PRECISION["float64"]
+    assert reference.relative_error(np.asarray(mean_D), truth_D) <= PRECISION["float64"]
 
 
 # --------------------------------------------------------------------------- other dtypes
@@ -294,7 +294,7 @@ def test_64_bit_messages_with_x64_off_warn(name, given, used):
     mean_D, report = COMBINERS[name]()(sent_PxD, jax.random.key(0))
   assert mean_D.dtype == jnp.float32 and bool(report.ok)
   if name != "krum":
-    assert reference._rel(np.asarray(mean_D), truth_D) <= PRECISION["float32"]
+    assert reference.relative_error(np.asarray(mean_D), truth_D) <= PRECISION["float32"]
 
 
 def test_32_bit_messages_do_not_warn():

@@ -119,7 +119,8 @@ def probe_within(
           name,
         )
       )
-    lines.append(_summary(f"within {name} {assignment} rows P={p:2d} S={s:2d}", outcomes))
+    assigned = " (rows assigned)" if assignment == "random" else ""
+    lines.append(_summary(f"within {name}{assigned} P={p:2d} S={s:2d}", outcomes))
     print(lines[-1], flush=True)
   return lines
 

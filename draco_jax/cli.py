@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
 
-from draco_jax import aggregators, attacks, coding, data, distributed, models, summary
+from draco_jax import aggregators, attacks, coding, data, distributed, models, placements, summary
 from draco_jax.config import (
   ASSIGNMENTS,
   COMBINE_SHARDINGS,
@@ -329,7 +329,7 @@ def _valid_names() -> list[tuple[str, str]]:
     ("code", _names(coding.CODES, {"uncoded": "no code: a baseline --aggregator combines"})),
     ("aggregator", f"{DECODER} (the decoder of every code); with --code=uncoded: {baselines}"),
     ("attack", _names({**attacks.ATTACKS, **dict.fromkeys(DATA_ATTACKS)}, attack_notes)),
-    ("placement", _names(attacks.PLACEMENTS)),
+    ("placement", _names(placements.PLACEMENTS)),
     ("model", _names(models.MODELS)),
     ("dataset", _names(data.DATASETS)),
     ("optimizer", _names(OPTIMIZERS)),

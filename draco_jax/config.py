@@ -4,7 +4,7 @@ Library code takes a :class:`TrainConfig`; only ``draco_jax.cli`` (the command l
 Shape legend: P workers, S adversaries tolerated, t adversaries attacking, e stragglers.
 
 Every name is checked against its registry (``coding.CODES``, ``attacks.ATTACKS``,
-``attacks.PLACEMENTS``, ``aggregators.AGGREGATORS``, ``models.MODELS``, ``data.DATASETS``,
+``placements.PLACEMENTS``, ``aggregators.AGGREGATORS``, ``models.MODELS``, ``data.DATASETS``,
 :data:`OPTIMIZERS`) and every impossible combination raises ``ValueError`` naming the bad value
 and the rule, so that a bad command line fails at start-up instead of deep inside JAX.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import optax
 
-from draco_jax import aggregators, attacks, coding, data, models
+from draco_jax import aggregators, attacks, coding, data, models, placements
 
 __all__ = [
   "TrainConfig",
@@ -90,7 +90,7 @@ class TrainConfig:
     max_adversaries: S, the adversaries the code or aggregator is built to tolerate
       (-1: S = num_adversaries).
     attack: a name in ``attacks.ATTACKS`` or in :data:`DATA_ATTACKS`.
-    placement: a kind in ``attacks.PLACEMENTS``: which workers are adversarial each step.
+    placement: a kind in ``placements.PLACEMENTS``: which workers are adversarial each step.
     aggregator: :data:`DECODER` for coded schemes, a name in ``aggregators.AGGREGATORS`` for
       ``code="uncoded"``.
     model: a name in ``models.MODELS``.
@@ -231,7 +231,7 @@ def _check_at_least(config: TrainConfig, minimum: int, *names: str) -> None:
 def _check_names(config: TrainConfig) -> None:
   _check_name("code", config.code, coding.CODES)
   _check_name("attack", config.attack, (*attacks.ATTACKS, *DATA_ATTACKS))
-  _check_name("placement", config.placement, attacks.PLACEMENTS)
+  _check_name("placement", config.placement, placements.PLACEMENTS)
   _check_name("model", config.model, models.MODELS)
   _check_name("dataset", config.dataset, data.DATASETS)
   _check_name("optimizer", config.optimizer, OPTIMIZERS)

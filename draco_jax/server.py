@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from draco_jax import aggregators, attacks, coding, contract, decode
+from draco_jax import aggregators, attacks, coding, contract, decode, placements
 from draco_jax import mesh as mesh_lib
 from draco_jax import sharded as sharded_lib
 from draco_jax.config import DATA_ATTACKS, TrainConfig
@@ -116,7 +116,7 @@ def to_rows(worker_mask_P: jax.Array, rows_P: jax.Array) -> jax.Array:
 
 
 def _make_masks(config: TrainConfig, code: coding.Code, names: Sequence[str]) -> Callable:
-  placement = attacks.make_placement(config.placement, code.num_workers, config.num_adversaries)
+  placement = placements.make_placement(config.placement, code.num_workers, config.num_adversaries)
   is_data_attack = jnp.asarray([name in DATA_ATTACKS for name in names])
   assigned = config.is_coded and config.assignment == "random"
 

@@ -9,7 +9,8 @@ import pytest
 import scipy.stats
 
 from draco_jax import coding
-from draco_jax.attacks import ATTACKS, PLACEMENTS, alie_z, make_attack, make_placement
+from draco_jax.attacks import ATTACKS, alie_z, make_attack
+from draco_jax.placements import PLACEMENTS, make_placement
 
 P, S, D = 7, 2, 12
 KEY = jax.random.key(3)

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from draco_jax import aggregators, attacks, coding, data, models, train
+from draco_jax import aggregators, attacks, coding, data, models, placements, train
 from draco_jax.config import DATA_ATTACKS, TrainConfig
 
 TINY_FLAGS = (
@@ -251,7 +251,7 @@ def test_help_says_what_the_program_does_and_lists_the_names(flag):
   paragraph = result.stdout.split("\n\n")[0]
   assert paragraph.startswith("Trains an image classifier") and "DRACO" in paragraph
   names = result.stdout.split("valid names:")[1].split("flags:")[0]
-  for registry in (coding.CODES, aggregators.AGGREGATORS, attacks.PLACEMENTS, models.MODELS):
+  for registry in (coding.CODES, aggregators.AGGREGATORS, placements.PLACEMENTS, models.MODELS):
     assert all(re.search(rf"\b{name}\b", names) for name in registry), registry
   for registry in (attacks.ATTACKS, data.DATASETS, DATA_ATTACKS):
     assert all(re.search(rf"\b{name}\b", names) for name in registry), registry

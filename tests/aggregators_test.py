@@ -139,7 +139,7 @@ def test_sorting_network_matches_numpy_sort(p):
   x = rng.integers(-3, 4, (p, 40)).astype(np.float32)  # many ties
   x[rng.random((p, 40)) < 0.1] = np.inf
   x[rng.random((p, 40)) < 0.1] = -np.inf
-  np.testing.assert_array_equal(jax.jit(aggregators._sort_rows)(x), np.sort(x, axis=0))
+  np.testing.assert_array_equal(jax.jit(aggregators.kernels._sort_rows)(x), np.sort(x, axis=0))
 
 
 @pytest.mark.parametrize("s", [0, 1, 3])

@@ -12,13 +12,15 @@ the simulator may choose how it produces the P messages (``config.worker_compute
 * ``shared`` (the default): the K partition gradients are evaluated once per step, sharded
   over the worker mesh (device d evaluates its p partitions, vmapped). Device d then holds the
   gradients its p rows need (its own and those it receives: :func:`_exchange_plan`), gathers
-  each row's R of them and encodes them with ``coding.encode_rows``: what worker k does with
-  the R gradients it evaluated, in the same arithmetic order, so the messages equal the
-  per-worker ones (tests/compute_test.py). The same K gradients give the step's loss, accuracy
-  and clean mean. Data poisoners (``label_flip``) send the messages of gradients on their own
-  flipped labels: only their rows' R partitions are evaluated again (t·R gradients, spread
-  over the devices) and their messages replace the honest ones. A step evaluates K partition
-  gradients (K + M under a data attack), and its ``gradients`` phase times them all.
+  each row's R of them and encodes them with ``coding.encode_rows``, a block of columns at a
+  time (:func:`_encode_in_blocks`): what worker k does with the R gradients it evaluated, in
+  the same arithmetic order, so the messages equal the per-worker ones bit for bit
+  (tests/compute_test.py; an uncoded message is its gradient, 1·g). The same K gradients give
+  the step's loss, accuracy and clean mean. Data poisoners (``label_flip``) send the messages
+  of gradients on their own flipped labels: only their rows' R partitions are evaluated again
+  (t·R gradients, spread over the devices) and their messages replace the honest ones. A step
+  evaluates K partition gradients (K + M under a data attack), and its ``gradients`` phase
+  times them all.
 * ``per_worker``: worker k evaluates its own R partition gradients and the diagnostic evaluates
   the K partitions again, K·(R+1) per step: the ``gradients`` phase then times what the P
   workers compute (P·R partition gradients), and the tests hold ``shared`` to it.
@@ -279,8 +281,13 @@ def _shared_encode(code: coding.Code, mesh, num_poisoners: int) -> Callable:
   coef_PxR = jnp.asarray(code.coef, coding.message_dtype(code, jnp.float32))
   index_PxR = jnp.asarray(exchange.index_PxR)
   sends = tuple(jnp.asarray(s) for s in exchange.sends)
+  rows_P = np.arange(code.num_workers)
+  identity = code.redundancy == 1 and np.array_equal(code.support[:, 0], rows_P)
+  identity = identity and bool(np.all(code.coef == 1))
 
   def honest(grads_pxD, coef_pxR, index_pxR, *sends_h):
+    if identity:  # uncoded: 1·g is g, what encode_rows returns, without a pass over [P, D]
+      return grads_pxD.astype(coef_pxR.dtype)
     table_ExD = _table(exchange, n, grads_pxD, *sends_h)
     return _encode_in_blocks(coef_pxR, table_ExD, index_pxR)
 
@@ -288,7 +295,8 @@ def _shared_encode(code: coding.Code, mesh, num_poisoners: int) -> Callable:
     sent_pxD = honest(grads_pxD, coef_pxR, index_pxR, *sends_h)
     return _substitute(sent_pxD, coding.encode_rows(coef_txR, poisoned_txRxD), rows_t)
 
-  specs = (_WORKERS,) * 3 + (_WHOLE,) * 3 * bool(num_poisoners) + (_WORKERS,) * len(sends)
+  poisoner_specs = (_WHOLE,) * 3 if num_poisoners else ()
+  specs = (_WORKERS,) * 3 + poisoner_specs + (_WORKERS,) * len(sends)
   local = jax.shard_map(
     poisoned if num_poisoners else honest, mesh=mesh, in_specs=specs, out_specs=_WORKERS
   )
@@ -325,6 +333,8 @@ def _shared(apply_fn, num_classes, mesh, code: coding.Code, deliver, num_poisone
     loss_K, acc_K, grads_KxD = stats(params, x_KxBxHxWxC, y_KxB)
     if not num_poisoners:
       return SharedGradients(grads_KxD, loss_K, acc_K, None, None)
+    # Fewer than t poisoners (another attack this step): rows -1, never substituted; their
+    # gradients (of the last row's partitions) are evaluated all the same.
     (rows_t,) = jnp.nonzero(poison_P, size=num_poisoners, fill_value=-1)
     partitions_M = jnp.zeros(n * per_device, jnp.int32)
     partitions_M = partitions_M.at[: num_poisoners * r].set(support_PxR[rows_t].reshape(-1))

@@ -354,7 +354,8 @@ def write_markdown(
     "geometric median's time to target / the method's (GM n/r: only the method reaches it).",
     "",
     "*Wall* = measured training-step time on this one host, where all simulated workers share "
-    "the processors (DRACO computes R = 2S+1 partition gradients per worker). *Projected* = a "
+    "the processors (worker_compute=shared, the default: the K partition gradients once per "
+    "step for every method; per_worker: R = 2S+1 per DRACO worker). *Projected* = a "
     "cluster projection per step: the slowest worker's measured compute (R x one partition's "
     "gradient time) + encode share + measured combine (decode/aggregate of the received "
     "messages; the attack is not counted) + update; no communication. It is a projection, "

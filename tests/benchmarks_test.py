@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import certificate_probe, decode_bench
+from benchmarks import certificate_probe, decode_bench, step_bench
 from draco_jax import decode
 from experiments.combine_timing import received_messages
 
@@ -85,3 +85,16 @@ def test_certificate_probe_envelope_runs_the_unguarded_paper_decoder():
   (line,) = certificate_probe.probe_envelope("complex64", [5], trials=4, seed=0)
   assert line.startswith("envelope cyclic_paper P= 5 complex64 S=1..2: 8 trials, refused 0.000, ")
   assert "wrong>1e-3 0, wrong>1e-5 0 (0 tiny)" in line, line
+
+
+def test_step_bench_times_every_method_in_both_modes(capsys):
+  """A tiny MLP at P = 6, S = 1 on one device: every method's row, each column produced."""
+  rows = step_bench.run(["mlp"], [(6, 1)], rounds=1, calls=1, options={"hidden": (8,)}, devices=1)
+  assert [(r["method"], r["compute"]) for r in rows] == [m[::3] for m in step_bench.METHODS]
+  for row in rows:
+    for name in ("step_ms", "x_mean", "combine_share", "peak_mib"):
+      assert math.isfinite(row[name]) and row[name] > 0, (row["method"], name, row[name])
+    assert (row["per_worker_over_shared"] is None) == (row["compute"] == "shared")
+  assert rows[0]["x_mean"] == 1.0 and rows[2]["R"] == rows[4]["R"] == 3
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert len(lines) == 2 + len(rows) and all(line.count("|") == 13 for line in lines[2:])

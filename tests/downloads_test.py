@@ -47,13 +47,14 @@ def _cifar_records(images_NxHxWxC: np.ndarray, labels_NxL: np.ndarray) -> bytes:
 
 
 def _tar_gz(members: dict[str, bytes]) -> bytes:
+  """The same bytes on every call (gzip's header time fixed), so checksums hold."""
   buffer = io.BytesIO()
-  with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+  with tarfile.open(fileobj=buffer, mode="w") as tar:
     for member, payload in members.items():
       info = tarfile.TarInfo(member)
       info.size = len(payload)
       tar.addfile(info, io.BytesIO(payload))
-  return buffer.getvalue()
+  return gzip.compress(buffer.getvalue(), mtime=0)
 
 
 def _fake(name: str, seed: int = 0):

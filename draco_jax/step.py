@@ -165,20 +165,8 @@ def make_phases(
   )
 
 
-def make_train_step(
-  config: TrainConfig,
-  code: coding.Code,
-  mesh: jax.sharding.Mesh,
-  apply_fn: Callable,
-  params,
-  tx: optax.GradientTransformation,
-  *,
-  num_classes: int,
-  attack_names: Sequence[str] | None = None,
-) -> tuple[Callable, StepPhases]:
+def make_train_step(*args, **kwargs) -> tuple[Callable, StepPhases]:
   """``(update_fn, phases)``: the pure step (not jitted) and its phases; the arguments are
   :func:`make_phases`'s."""
-  phases = make_phases(
-    config, code, mesh, apply_fn, params, tx, num_classes=num_classes, attack_names=attack_names
-  )
+  phases = make_phases(*args, **kwargs)
   return compose(phases), phases

@@ -25,6 +25,8 @@ Four modes:
 Usage (from the repository root):
   python -m benchmarks.certificate_probe --mode within --trials 4000
   python -m benchmarks.certificate_probe --mode within --trials 4000 --code repetition
+  python -m benchmarks.certificate_probe --mode within --trials 500 --assignment random \
+    --solver host
   python -m benchmarks.certificate_probe --mode over --trials 1000
   python -m benchmarks.certificate_probe --mode top --trials 10000
   python -m benchmarks.certificate_probe --mode envelope --dtype complex64 --p 14-20 --trials 40
@@ -66,9 +68,9 @@ ALPHAS = (1e-3, 3e-3, 1e-2)
 D = 512
 
 
-def _trial(p, s, rows, make_received, rng, name="cyclic"):
+def _trial(p, s, rows, make_received, rng, name="cyclic", solver="auto"):
   """One fresh trial of code ``name``: (ok, relative error of the mean)."""
-  setup = reference.setup(name, p, s, seed=int(rng.integers(2**31)), d=D)
+  setup = reference.setup(name, p, s, seed=int(rng.integers(2**31)), d=D, solver=solver)
   mask_P = reference.mask(p, rows)
   received_PxD = make_received(setup.sent_PxD, mask_P)
   out = reference.decode_outcome(
@@ -91,11 +93,13 @@ WITHIN_ATTACKS = (*reference.ATTACKS, "scale", "mixed_noise")
 
 
 def probe_within(
-  cases, trials: int, seed: int, name: str = "cyclic", assignment: str = "fixed"
+  cases, trials: int, seed: int, name: str = "cyclic", assignment: str = "fixed", solver="auto"
 ) -> list[str]:
   """At most S bad workers: half random, half contiguous, every attack in turn. With
   ``assignment="random"`` the workers hold code rows drawn by a fresh permutation per trial
-  (the training step's default, docs/math.md §5.6); with ``fixed``, row = worker."""
+  (the training step's default, docs/math.md §5.6); with ``fixed``, row = worker. ``solver``:
+  the route of the decoder's 64-bit steps (``host``: NumPy through jax.pure_callback, the
+  route of backends without 64-bit types)."""
   rng = np.random.default_rng(seed)
   lines = []
   for p, s in cases:
@@ -117,10 +121,12 @@ def probe_within(
           lambda sent, mask, attack=attack: reference.attack(attack, sent, mask, rng),
           rng,
           name,
+          solver,
         )
       )
     assigned = " (rows assigned)" if assignment == "random" else ""
-    lines.append(_summary(f"within {name}{assigned} P={p:2d} S={s:2d}", outcomes))
+    route = f" solver={solver}" if solver != "auto" else ""
+    lines.append(_summary(f"within {name}{assigned}{route} P={p:2d} S={s:2d}", outcomes))
     print(lines[-1], flush=True)
   return lines
 
@@ -247,6 +253,12 @@ def main():
     help="within only: row = worker, or rows by a fresh secret permutation per trial",
   )
   parser.add_argument(
+    "--solver",
+    choices=("auto", "device", "host"),
+    default="auto",
+    help="within only: where the decoder's 64-bit steps run (host: the route of TPUs)",
+  )
+  parser.add_argument(
     "--dtype", choices=("complex64", "complex128"), default="complex64", help="envelope only"
   )
   parser.add_argument("--p", default="14-20", help="envelope only: P values, FIRST-LAST")
@@ -260,7 +272,7 @@ def main():
   warnings.filterwarnings("ignore")
   if args.mode == "within":
     code = args.code or "cyclic"
-    probe_within(WITHIN_CASES[code], args.trials, args.seed, code, args.assignment)
+    probe_within(WITHIN_CASES[code], args.trials, args.seed, code, args.assignment, args.solver)
   elif args.mode == "over":
     probe_over(OVER_CASES, args.trials, args.seed)
   elif args.mode == "top":

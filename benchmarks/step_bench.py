@@ -115,8 +115,11 @@ def _method(base: TrainConfig, code: str, aggregator: str, compute: str) -> dict
   }
 
 
-def group_rows(model: str, p: int, s: int, *, rounds: int, calls: int, options=None, devices=0):
-  """One row per method at (model, P, S), timed side by side in ``rounds`` rounds."""
+def group_rows(
+  model: str, p: int, s: int, *, rounds: int, calls: int, options=None, devices=0, methods=METHODS
+):
+  """One row per method of ``methods`` (the first is the baseline) at (model, P, S), timed side
+  by side in ``rounds`` rounds."""
   base = TrainConfig(
     model=model,
     model_options=MODELS[model] if options is None else options,
@@ -127,7 +130,7 @@ def group_rows(model: str, p: int, s: int, *, rounds: int, calls: int, options=N
     num_devices=devices,
     timing=False,
   )
-  built = {(label, compute): _method(base, *rest, compute) for label, *rest, compute in METHODS}
+  built = {(label, compute): _method(base, *rest, compute) for label, *rest, compute in methods}
   ratios = {name: [] for name in built}
   shares = {name: [] for name in built}
   steps = {name: [] for name in built}

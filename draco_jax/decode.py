@@ -22,8 +22,10 @@ multilinear polynomial of the Gaussian factors, so it vanishes with probability 
 locate/certify arguments of §4 carry over.
 
 Precision. The O(P·D) passes run in the message dtype at matmul precision HIGHEST. The
-P-sized steps (syndromes, locators, fits, weights) run in float64/complex128 by enabling 64-bit
-types only while those steps are traced (``jax.enable_x64``): the user's arrays keep their dtypes.
+P-sized steps (syndromes, locators, fits, weights) run in float64/complex128
+(:mod:`draco_jax.cyclic_solve`): in the graph, with 64-bit types enabled only while those steps
+are traced (``jax.enable_x64``, so the user's arrays keep their dtypes), or, on backends without
+64-bit types (TPU), in NumPy on the host through ``jax.pure_callback`` (option ``solver``).
 Messages are float32 or float64 (complex64 or complex128 for the paper code), with x64 on or
 off; every tolerance is keyed by the messages' real dtype. With float64 messages the fit's own
 float64 rounding is as large as the messages', so the certificate allows for both (_FIT_TOL).
@@ -38,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from draco_jax import coding, contract
+from draco_jax import coding, contract, cyclic_solve
 from draco_jax.coding import Code
 
 __all__ = [
@@ -105,7 +107,7 @@ _VOTE_COLUMNS = 4
 # Refuse answers whose estimated rounding error exceeds this, relative (see _cyclic_parts).
 _NOISE_LIMIT = 1e-4
 # Refuse answers that errors just below the certificate's tolerance could move by more than
-# this, relative (see _decode_small). Within the exact region of the tests it stays below 1e-3.
+# this, relative (see cyclic_solve.solve). Within the exact region of the tests it stays below 1e-3.
 _RESOLUTION_LIMIT = 1e-2
 
 
@@ -308,7 +310,7 @@ def _lower_median_rows(v_GxR: jax.Array, erased_GxR: jax.Array) -> jax.Array:
   return jnp.take_along_axis(order_GxR, pick_G[:, None], axis=1)[:, 0]
 
 
-def _repetition_parts(code: Code, *, tol=None) -> DecoderParts:
+def _repetition_parts(code: Code, *, tol=None, solver: str = "auto") -> DecoderParts:
   """Majority vote of the fractional repetition code (docs/math.md §2).
 
   Fingerprints v = Y·f choose, in each group, the row at the lower median of the group's
@@ -317,7 +319,11 @@ def _repetition_parts(code: Code, *, tol=None) -> DecoderParts:
   columns lets a column that happens to be large refuse honest copies 1e-7 apart). A group is
   ok iff its agreeing rows are a strict majority of its received rows. Exact (the output is an
   honest copy) whenever 2·t_j + e_j <= 2S in every group.
+
+  The vote has no 64-bit step (it compares fingerprints in the message dtype), so it runs the
+  same on every backend; ``solver`` is checked and accepted for a uniform option set.
   """
+  cyclic_solve.check_solver(solver)
   p, r = code.num_workers, code.redundancy
   groups = p // r
 
@@ -345,269 +351,6 @@ def _repetition_parts(code: Code, *, tol=None) -> DecoderParts:
 # --------------------------------------------------------------------------- cyclic
 
 
-class _Cyclic(NamedTuple):
-  """Host constants of the cyclic decoder (numpy, float64/complex128)."""
-
-  p: int
-  s: int
-  basis: np.ndarray  # B [P, L], real for the centred code
-  parity: np.ndarray  # H_par [2S, P]
-  u: np.ndarray  # u_k = e^{2πik/P} [P]
-  upow: np.ndarray  # u_k^m [P, S+1], exponents reduced mod P
-  target: np.ndarray  # Bᵀℓ [L]: the weights b satisfy b^T B[agree] = ℓ^T B
-
-
-def _cyclic_constants(code: Code) -> _Cyclic:
-  p, s = code.num_workers, code.num_adversaries
-  k = np.arange(p)
-  u = np.exp(2j * np.pi * k / p)
-  upow = np.exp(2j * np.pi * ((k[:, None] * np.arange(s + 1)[None, :]) % p) / p)
-  parity = code.parity_check() if s else np.zeros((0, p), complex)
-  target = code.basis.T @ code.functional
-  return _Cyclic(p, s, code.basis, parity, u, upow, target)
-
-
-def _erasure_locator(c: _Cyclic, erased_P):
-  """Coefficients of Γ(x) = ∏_{k erased}(x − u_k), length 2S+1 (truncated when e > 2S)."""
-  u = jnp.asarray(c.u)
-
-  def body(k, g):
-    shifted = jnp.concatenate([jnp.zeros(1, g.dtype), g[:-1]])
-    return jnp.where(erased_P[k], shifted - u[k] * g, g)
-
-  g0 = jnp.zeros(2 * c.s + 1, jnp.complex128).at[0].set(1.0)
-  # Γ = 1 without erasures (the common case): skip the P sequential steps.
-  return jax.lax.cond(jnp.any(erased_P), lambda: jax.lax.fori_loop(0, c.p, body, g0), lambda: g0)
-
-
-def _locate(c: _Cyclic, y_PxC, erased_P):
-  """Steps 3-6 of §4: flag the t = ⌊(2S−e)/2⌋ non-erased rows with the smallest |Λ(u_k)|.
-
-  Every projection column gives its own syndromes and Hankel system for the same error
-  locator Λ (the error positions are shared, the values differ), so the systems are stacked
-  and solved together: an error that one column happens to see only faintly is located from
-  the others.
-  """
-  s2 = 2 * c.s
-  e = jnp.sum(erased_P)
-  n = jnp.maximum(s2 - e, 0)
-  t = n // 2
-  y_PxC = jnp.where(erased_P[:, None], 0, y_PxC).astype(jnp.complex128)
-  sigma_JxC = jnp.asarray(c.parity) @ y_PxC
-  gamma = _erasure_locator(c, erased_P)
-  j, m = np.arange(s2)[:, None], np.arange(s2 + 1)[None, :]
-  sigma_pad = jnp.concatenate([sigma_JxC, jnp.zeros((s2 + 1, sigma_JxC.shape[1]), sigma_JxC.dtype)])
-  t_syn = jnp.einsum("jmc,m->jc", sigma_pad[j + m], gamma)  # modified syndromes T_j per column
-  t_pad = jnp.concatenate([t_syn, jnp.zeros((s2 + 1, t_syn.shape[1]), t_syn.dtype)])
-  rows, cols = np.arange(s2)[:, None], np.arange(c.s)[None, :]
-  row_ok = rows < n - t
-  hankel_CxJxS = jnp.where((row_ok & (cols < t))[None], t_pad[rows + cols].transpose(2, 0, 1), 0)
-  rhs_CxJ = jnp.where(row_ok[:, 0][None], -t_pad[np.arange(s2) + t].T, 0)
-  lam = jnp.linalg.lstsq(hankel_CxJxS.reshape(-1, c.s), rhs_CxJ.reshape(-1))[0]
-  deg = np.arange(c.s + 1)
-  lam_full = jnp.where(deg < t, jnp.concatenate([lam, jnp.zeros(1, lam.dtype)]), 0)
-  lam_full = lam_full + (deg == t)
-  score = jnp.where(erased_P, jnp.inf, jnp.abs(jnp.asarray(c.upow) @ lam_full))
-  rank = jnp.argsort(jnp.argsort(score, stable=True), stable=True)
-  return ~erased_P & (rank >= t)
-
-
-def _masked_qr(c: _Cyclic, mask_P):
-  """Q [P, L], R [L, L] of B with the unmasked rows zeroed, and whether R is invertible.
-
-  Householder QR (no SVD: LAPACK's real SVD is pathologically slow at some sizes on CPU).
-  With at least L masked rows B_m has full rank (every L rows of B are independent); with
-  fewer, R is singular and every result built on it is discarded.
-  """
-  q, r = jnp.linalg.qr(jnp.where(mask_P[:, None], jnp.asarray(c.basis), 0))
-  diag = jnp.abs(jnp.diagonal(r))
-  full_rank = jnp.min(diag) > 1e-10 * jnp.max(diag)
-  r = jnp.where(full_rank, r, jnp.eye(r.shape[0], dtype=r.dtype))
-  return q, r, full_rank
-
-
-def _fit(c: _Cyclic, y_PxM, mask_P):
-  """The least-squares codewords [P, M] through the masked rows (meaningless if rank-deficient)."""
-  q, r, _ = _masked_qr(c, mask_P)
-  rhs = jnp.conj(q).T @ jnp.where(mask_P[:, None], y_PxM, 0).astype(q.dtype)
-  return jnp.asarray(c.basis) @ jax.scipy.linalg.solve_triangular(r, rhs, lower=False)
-
-
-class _Fit(NamedTuple):
-  """The least-squares fit of codewords through the masked rows (64-bit, P-sized)."""
-
-  q: jax.Array  # Q [P, L] of B with the unmasked rows zeroed
-  r: jax.Array  # R [L, L]
-  full_rank: jax.Array  # whether R is invertible (else everything here is meaningless)
-  g: jax.Array  # G [P, P]: G·y is the fitted codeword (zero columns off the mask)
-  noise: jax.Array  # noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²) [P]
-  unchecked: jax.Array  # |1 − G_kk| [P]: 1 − h_k on the mask, h_k the leverage of row k
-  spread: jax.Array  # n_k + Σ_j |G_kj| n_j [P]: the scale of the fit's own 64-bit rounding
-
-
-def _fit_on(c: _Cyclic, mask_P, norms_P) -> _Fit:
-  """The fit through the masked rows, with each row's propagated noise (row norms norms_P).
-
-  G = B·R⁻¹·Qᴴ. On the masked rows B_k·R⁻¹ = Q_k, so those rows of G are Q·Qᴴ and only the
-  other rows (at most 2S while R is invertible) need a triangular solve. A solve with a
-  P-column right-hand side would also cost more: OpenBLAS runs it multithreaded, and its
-  threads keep spinning after the call, taking the cores from the O(P·D) passes of the next
-  decode (measured: 2x on every pass at P = 64, 2 cores).
-  """
-  q, r, full_rank = _masked_qr(c, mask_P)
-  rows = jnp.nonzero(~mask_P, size=2 * c.s, fill_value=c.p)[0]
-  basis_off = jnp.take(jnp.asarray(c.basis), rows, axis=0, mode="fill", fill_value=0)
-  # B_off·R⁻¹ = (R⁻ᵀ·B_offᵀ)ᵀ (plain transposes: R⁻¹ itself, not its adjoint).
-  solved_LxO = jax.scipy.linalg.solve_triangular(r.T, basis_off.T, lower=True)
-  g_PxP = (q @ jnp.conj(q).T).at[rows].set(solved_LxO.T @ jnp.conj(q).T, mode="drop")
-  # Householder leaves ~1e-17 in Q's zeroed rows: times a finite gross row (1e30 in float64)
-  # that would inflate every row's noise and spread, and so its threshold, to O(1).
-  g_PxP = jnp.where(mask_P[None, :], g_PxP, 0)
-  m_PxP = jnp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
-  noise = _propagated_noise(m_PxP, norms_P)
-  spread = norms_P + jnp.abs(g_PxP) @ norms_P
-  return _Fit(q, r, full_rank, g_PxP, noise, jnp.abs(jnp.diagonal(m_PxP)), spread)
-
-
-def _propagated_noise(m_PxP, norms_P):
-  """sqrt(Σ_j |M_kj|² n_j²): the rounding noise of row k of M·y, per unit of relative noise."""
-  return jnp.sqrt(jnp.abs(m_PxP) ** 2 @ (norms_P**2))
-
-
-def _agreement(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, mask_P, fit: _Fit, tau):
-  """Rows whose residual from the codeword fitted on mask is within the rounding they can
-  carry; ``fit`` is the fit on mask, ``tau`` = (noise tolerance, common tolerance).
-
-  The residual r = (I − G)·y of row k carries the rounding noise of every row the fit uses:
-  noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
-  towards itself; the diagonal 1 − h_k accounts for it). Honest residuals are about
-  u·noise_k, so tau_noise·noise_k separates what rounding can explain from what it cannot.
-  It is capped by tau_common·max(n_k, scale)·sqrt(1 − h_k), scale the median row norm: where
-  the fit extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the
-  rows of the gap could absorb gross errors along the fit's nearly free directions. (The
-  median alone refused honest rows 16x larger than it, in the middle of even-P codes.)
-  Errors below the threshold are bounded afterwards by the resolution gate of _decode_small.
-  A row cannot buy a looser threshold by growing its norm: the threshold grows by tau·‖δ‖,
-  its residual by about |f·δ| ≫ tau·‖δ‖.
-  """
-  tau_noise, tau_common = tau
-  fitted_PxM = fit.g @ jnp.where(mask_P[:, None], yc_PxM, 0).astype(fit.g.dtype)
-  resid = jnp.sqrt(jnp.mean(jnp.abs(yc_PxM - fitted_PxM) ** 2, axis=1))
-  common = jnp.maximum(norms_P, scale) * jnp.sqrt(jnp.clip(fit.unchecked, 1e-12, 1.0))
-  threshold = jnp.minimum(tau_noise * fit.noise, tau_common * common) + _FIT_TOL * fit.spread
-  return ~erased_P & (resid <= threshold) & fit.full_rank
-
-
-def _certify(c: _Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tau, max_refits=3):
-  """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing.
-
-  Returns (agree, ok, the fit on agree).
-  """
-
-  def check(mask_P):
-    fit = _fit_on(c, mask_P, norms_P)
-    return _agreement(c, yc_PxM, norms_P, scale, erased_P, mask_P, fit, tau), fit
-
-  def refit(carry):
-    _, cur, _, i = carry
-    return cur, *check(cur), i + 1
-
-  def changing(carry):
-    prev, cur, _, i = carry
-    return jnp.any(prev != cur) & (i < max_refits)
-
-  prev, agree, fit, _ = jax.lax.while_loop(changing, refit, (keep_P, *check(keep_P), 0))
-  # Stable: the last fit was on the agreeing rows. Else (max_refits reached) fit them now.
-  fit = jax.lax.cond(jnp.all(prev == agree), lambda: fit, lambda: _fit_on(c, agree, norms_P))
-  e = jnp.sum(erased_P)
-  need = c.p - e - (2 * c.s - e) // 2
-  ok = (jnp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
-  return agree, ok, fit
-
-
-def _peel_suspect(c: _Cyclic, y_P, erased_P, keep_P):
-  """The non-erased row farthest from the codeword fitted on the kept rows (flagged first)."""
-  fit = _fit(c, y_P[:, None], keep_P)
-  resid = jnp.abs(y_P - fit[:, 0])
-  live = ~erased_P
-  suspects = jnp.where(jnp.any(live & ~keep_P), live & ~keep_P, live)
-  resid = jnp.where(suspects, resid, -1.0)
-  # Not jnp.argmax: its lowering builds a 32-bit initial value once x64 is off again.
-  return jnp.min(jnp.where(resid == jnp.max(resid), jnp.arange(c.p), c.p))
-
-
-def _weights(c: _Cyclic, agree_P, fit: _Fit):
-  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows;
-  ``fit`` is the fit on the agreeing rows.
-
-  With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
-  """
-  target = jnp.asarray(c.target, fit.r.dtype)
-  coeffs = jax.scipy.linalg.solve_triangular(fit.r.T, target, lower=True)
-  return jnp.where(agree_P & fit.full_rank, jnp.conj(fit.q) @ coeffs, 0)
-
-
-def _decode_small(c: _Cyclic, y_PxC, sqnorm_P, tau, tau_resolution):
-  """All P-sized steps of §4 in 64-bit: (agree [P], ok [], weights b [P], rounding,
-  resolution); ``tau`` = (noise tolerance, common tolerance), see _agreement."""
-  real = not np.iscomplexobj(c.basis)
-  y_PxC = y_PxC.astype(jnp.float64 if real else jnp.complex128)
-  erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
-  y_PxC = jnp.where(erased[:, None], 0, y_PxC)
-  y, yc = y_PxC[:, 0], y_PxC[:, 1:]
-  # The rounding noise of a row scales with its norm; the median over the received rows is
-  # an honest row's norm whenever honest rows are the majority (within the budget).
-  norms = jnp.sqrt(jnp.where(erased, jnp.inf, sqnorm_P.astype(jnp.float64)))
-  scale = jnp.sort(norms)[jnp.maximum(c.p - jnp.sum(erased) - 1, 0) // 2]
-  norms = jnp.where(erased, 0, norms)
-
-  def candidate(erased_cur):
-    keep = _locate(c, y_PxC, erased_cur)
-    return keep, *_certify(c, yc, norms, scale, erased, keep, tau)
-
-  def refused(carry):
-    i, (erased_cur, _, _, ok, _) = carry
-    return ~ok & (jnp.sum(erased_cur) < 2 * c.s) & (i < c.s)
-
-  def peel(carry):
-    i, (erased_cur, keep, _, _, _) = carry
-    nxt = erased_cur.at[_peel_suspect(c, y, erased_cur, keep)].set(True)
-    return i + 1, (nxt, *candidate(nxt))
-
-  # A while loop, not S rounds that each test ok: those copied the loop state (the fit's
-  # P x P matrices) every round even when the first candidate was certified (measured at
-  # P = 64, D = 2^16: this function went from about 410 to 320-380 µs).
-  _, (_, _, agree, ok, fit) = jax.lax.while_loop(refused, peel, (0, (erased, *candidate(erased))))
-  weights = _weights(c, agree, fit)
-  # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times u, by the caller); and
-  # resolution, the error that rows passing the certificate just under their thresholds
-  # could cause. An error δ in row k leaves (1 − h_k)·δ in its own residual, so each row can
-  # hide up to min(tau_noise·noise_k / (1 − h_k), tau_resolution·scale / sqrt(1 − h_k)):
-  # rows that no other row checks (h_k → 1, at the edges of a wide contiguous gap) can hide
-  # anything (measured at P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the
-  # mean by 3e-2).
-  unchecked = jnp.maximum(fit.unchecked, 1e-24)
-  hidden = jnp.minimum(tau[0] * fit.noise / unchecked, tau_resolution * scale / jnp.sqrt(unchecked))
-  hidden = hidden + _FIT_TOL * fit.spread / unchecked
-  rounding = jnp.sum(jnp.abs(weights) * norms)
-  resolution = jnp.sum(jnp.abs(weights) * hidden)
-  return agree, ok, weights, rounding, resolution
-
-
-def _combined_norm(gram_PxP, erased_P, b_P):
-  """‖Σ_k b_k Y_k‖ estimated as sqrt(conj(b)ᵀ·gram·b) (64-bit), erased rows left out.
-
-  The estimate is the norm of the combination under a random block-diagonal quadratic form
-  with mean I (see :func:`project`): no cancellation between rows can fool it, and its
-  spread (averaged over m1 >= 16 blocks and C columns) is far below the factor 100 between
-  the rounding gate and the 1e-3 a refused answer could otherwise carry.
-  """
-  live = ~erased_P[:, None] & ~erased_P[None, :]
-  gram = gram_PxP.astype(b_P.dtype)
-  gram = jnp.where(live & jnp.isfinite(gram), gram, 0)
-  return jnp.sqrt(jnp.maximum(jnp.real(jnp.conj(b_P) @ gram @ b_P), 0))
-
-
 def _unprotected_solve(code: Code):
   """S = 0: no redundancy to check, the mean is ℓᵀY/K; refused if any row is missing."""
 
@@ -621,7 +364,7 @@ def _unprotected_solve(code: Code):
   return solve
 
 
-def _cyclic_parts(code: Code, *, tol=None) -> DecoderParts:
+def _cyclic_parts(code: Code, *, tol=None, solver: str = "auto") -> DecoderParts:
   """Certified decoder of the cyclic repetition code (docs/math.md §4, corrections §8).
 
   1. Project Y on C = 8 fresh secret directions and estimate each row's norm in the same
@@ -643,25 +386,28 @@ def _cyclic_parts(code: Code, *, tol=None) -> DecoderParts:
      u·Σ_k |b_k|·‖Y_k‖; when that exceeds 1e-4·‖Σ_k b_k Y_k‖ (contiguous adversaries at large
      P force weights that extrapolate across the gap, §5.1) the answer is refused. Likewise
      when Σ_k |b_k|·(the error row k could hide under its threshold), exceeds
-     1e-2·‖Σ_k b_k Y_k‖. The norm is estimated from the projection (_combined_norm), so a
-     refused answer is never computed.
+     1e-2·‖Σ_k b_k Y_k‖. The norm is estimated from the projection
+     (cyclic_solve._combined_norm), so a refused answer is never computed.
 
   Tolerances (defaults): tol_noise = 32u·max(1, D/4096)^(1/4) with u the unit roundoff of
   the messages; tol_common = 5e-6 (float32) or 1e-14 (float64) times sqrt(R)·max(1, amp).
   The paper code uses tol_common for both. A given ``tol`` is used for both, as is; the fit's
   rounding allowance (256·2^-53 of each row's spread) is added either way.
 
+  Steps 2-6 run in 64-bit arithmetic by the route ``solver`` names
+  (:data:`draco_jax.cyclic_solve.SOLVERS`): ``device`` (in the graph), ``host`` (NumPy via
+  ``jax.pure_callback``, for backends without 64-bit types) or ``auto`` (the default:
+  ``device`` on CPU and GPU, ``host`` elsewhere).
+
   Reference: Chen, Wang, Charles, Papailiopoulos, "DRACO", ICML 2018, with the certified,
   well-conditioned variant specified in docs/math.md.
   """
-  consts = _cyclic_constants(code)
+  cyclic_solve.check_solver(solver)
+  consts = cyclic_solve.constants(code)
   if code.num_adversaries == 0:
     return DecoderParts(_CYCLIC_COLUMNS, _unprotected_solve(code))
 
   def solve(projection: Projection, dtype, num_features):
-    y_PxC = projection.y_PxC
-    sqnorm_P = jnp.mean(projection.sqnorm_PxC, axis=1)
-    erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
     if tol is None:
       common = _COMMON_TOL[_precision(dtype)] * np.sqrt(code.redundancy) * max(1.0, code.amp)
       # The paper code's messages cancel by up to its rounding gain: its noise tolerance is
@@ -670,19 +416,23 @@ def _cyclic_parts(code: Code, *, tol=None) -> DecoderParts:
       noise = common if code.name == "cyclic_paper" else _CYCLIC_TOL[_precision(dtype)] * growth
     else:
       noise = common = float(tol)
-    with jax.enable_x64(True):
+    tolerances = cyclic_solve.Tolerances(
+      noise=noise,
+      common=common,
       # The paper code's rounding gain already inflates its weights b: not counted twice.
-      agree, ok, weights, rounding, resolution = _decode_small(
-        consts, y_PxC, sqnorm_P, (noise, common), common / max(1.0, code.amp)
-      )
-      # The gates, noise <= _NOISE_LIMIT·‖Σ_k b_k Y_k‖ (rounding against 1e-4, resolution
-      # against _RESOLUTION_LIMIT), with the norm estimated from the projection's Gram matrix
-      # (the exact norm would be a third pass over D).
-      gate = jnp.maximum(
-        rounding * float(jnp.finfo(dtype).eps), resolution * (_NOISE_LIMIT / _RESOLUTION_LIMIT)
-      )
-      ok = ok & (gate <= _NOISE_LIMIT * _combined_norm(projection.gram_PxP, erased, weights))
-      weights = (weights / code.num_workers).astype(dtype)
+      resolution=common / max(1.0, code.amp),
+      fit=_FIT_TOL,
+      eps=float(jnp.finfo(dtype).eps),
+      noise_limit=_NOISE_LIMIT,
+      resolution_limit=_RESOLUTION_LIMIT,
+    )
+    y_PxC = projection.y_PxC
+    sqnorm_P = jnp.mean(projection.sqnorm_PxC, axis=1)
+    erased = ~(jnp.all(jnp.isfinite(y_PxC), axis=1) & jnp.isfinite(sqnorm_P))
+    route = cyclic_solve.resolve_solver(solver)
+    agree, ok, weights = cyclic_solve.run(
+      route, consts, tolerances, y_PxC, sqnorm_P, projection.gram_PxP, dtype
+    )
     return weights, erased, contract.make_report(~agree, ok)
 
   return DecoderParts(_CYCLIC_COLUMNS, solve)
@@ -748,7 +498,9 @@ def make_decoder(code: Code, **options):
 
   Args:
     code: a :class:`draco_jax.coding.Code` (repetition, cyclic or cyclic_paper).
-    **options: ``tol``, the relative agreement tolerance (repetition: 1e-6 for 32-bit
+    **options: ``solver``, where the cyclic decoder's P-sized 64-bit steps run: ``"auto"``
+      (default), ``"device"`` or ``"host"`` (:mod:`draco_jax.cyclic_solve`); ``tol``, the
+      relative agreement tolerance (repetition: 1e-6 for 32-bit
       messages, 1e-13 for 64-bit; cyclic: see :func:`_cyclic_parts`, 32u·max(1, D/4096)^(1/4)
       on each row's propagated rounding noise, capped by 5e-6 / 1e-14 times
       sqrt(R)·max(1, rounding gain) of max(row norm, median row norm)). A given ``tol`` is used

@@ -61,9 +61,9 @@ def cached_code(name, p, s):
 
 
 @functools.cache
-def cached_decoder(name, p, s):
-  """Its jitted decoder, built once."""
-  return decode.make_decoder(cached_code(name, p, s))
+def cached_decoder(name, p, s, solver="auto"):
+  """Its jitted decoder (``solver``: the route of its 64-bit steps), built once."""
+  return decode.make_decoder(cached_code(name, p, s), solver=solver)
 
 
 class Setup(NamedTuple):
@@ -80,13 +80,14 @@ def _message_dtype(code):
   return np.complex64 if np.iscomplexobj(code.matrix) else np.float32
 
 
-def setup(name, p, s, seed, d=D):
-  """Fresh N(0, 1) float32 gradients from ``seed``, their messages and float64 mean."""
+def setup(name, p, s, seed, d=D, solver="auto"):
+  """Fresh N(0, 1) float32 gradients from ``seed``, their messages and float64 mean; the
+  decoder's 64-bit steps run by route ``solver`` (draco_jax.cyclic_solve)."""
   code = cached_code(name, p, s)
   grads_KxD = np.random.default_rng(seed).standard_normal((p, d)).astype(np.float32)
   sent_PxD = (code.matrix @ grads_KxD.astype(np.float64)).astype(_message_dtype(code))
   truth_D = grads_KxD.astype(np.float64).mean(0)
-  return Setup(code, cached_decoder(name, p, s), grads_KxD, sent_PxD, truth_D)
+  return Setup(code, cached_decoder(name, p, s, solver), grads_KxD, sent_PxD, truth_D)
 
 
 def mask(p, rows):

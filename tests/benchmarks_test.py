@@ -6,14 +6,20 @@ the README's benchmark command keeps working.
 """
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import certificate_probe, decode_bench, step_bench
+from benchmarks import certificate_probe, decode_bench, device_check, step_bench
 from draco_jax import decode
 from experiments.combine_timing import received_messages
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _project_stage(code) -> str:
@@ -98,3 +104,48 @@ def test_step_bench_times_every_method_in_both_modes(capsys):
   assert rows[0]["x_mean"] == 1.0 and rows[2]["R"] == rows[4]["R"] == 3
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 2 + len(rows) and all(line.count("|") == 13 for line in lines[2:])
+
+
+def test_device_check_runs_end_to_end_on_cpu():
+  """`python -m benchmarks.device_check --quick` on CPU (4 devices): every check passes, the
+  table lists them all, the environment is printed, and the exit status is 0."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  result = subprocess.run(
+    [sys.executable, "-m", "benchmarks.device_check", "--quick"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  table = result.stdout[result.stdout.index("| check | result |") :]
+  for name in (
+    "environment",
+    "tests",
+    "train cyclic",
+    "train repetition",
+    "train cyclic_paper",
+    "decode benchmark",
+    "step benchmark",
+  ):
+    assert re.search(rf"^\| {name} \| PASS \|", table, re.M), (name, table)
+  assert "64-bit steps: device" in table and "on 4 device(s)" in table
+  assert "jaxlib:" in result.stdout and "device_check: all checks passed" in result.stdout
+
+
+def test_device_check_reports_a_failure_and_exits_non_zero(monkeypatch, capsys):
+  """A failing check is a FAIL row with its error, and main returns 1 (the others still run)."""
+
+  def broken(*_):
+    raise RuntimeError("pytest exit 1: 1 failed")
+
+  monkeypatch.setattr(device_check, "run_tests", broken)
+  monkeypatch.setattr(device_check, "CODES", ())
+  monkeypatch.setattr(device_check, "decode_benchmark", lambda quick: "x floor: stub")
+  monkeypatch.setattr(device_check, "step_benchmark", lambda quick: "x mean: stub")
+  assert device_check.main(["--quick"]) == 1
+  out = capsys.readouterr().out
+  assert "| tests | FAIL |" in out and "RuntimeError: pytest exit 1: 1 failed" in out
+  assert "| decode benchmark | PASS |" in out and "device_check: FAILED" in out

@@ -267,14 +267,23 @@ def _restore_params(checkpoints: str, step: int, like: train.TrainState) -> np.n
 
 
 @pytest.mark.parametrize(
-  "combine_sharding", ["replicated", pytest.param("sharded", marks=pytest.mark.slow)]
+  "combine_sharding, solver",
+  [
+    ("replicated", "auto"),
+    ("sharded", "host"),
+    pytest.param("sharded", "auto", marks=pytest.mark.slow),
+    pytest.param("replicated", "host", marks=pytest.mark.slow),
+  ],
 )
-def test_two_processes_train_like_one(tmp_path, combine_sharding):
+def test_two_processes_train_like_one(tmp_path, combine_sharding, solver):
   """2 processes x 4 devices end a DRACO run under attack with the parameters of 1 process x 8
-  devices (measured: bit-identical); only process 0 writes metrics, TensorBoard and summary."""
+  devices (measured: bit-identical); only process 0 writes metrics, TensorBoard and summary.
+  ``solver="host"``: the decoder's P-sized steps run on each process's host (jax.pure_callback,
+  the route of backends without 64-bit types), the single-process run in the graph."""
   workdir = str(tmp_path / "multi")
   address = f"127.0.0.1:{_free_port()}"
   args = ["-m", "draco_jax.train", *CONFIG_FLAGS, f"--combine_sharding={combine_sharding}"]
+  args.append(f'--combiner_options={{"solver": "{solver}"}}')
   args.append(f"--workdir={workdir}")
   commands = [  # process 0 gets flags, process 1 the environment variables
     (

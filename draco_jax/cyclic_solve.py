@@ -1,0 +1,498 @@
+"""The cyclic decoder's P-sized steps (docs/math.md §4 steps 2-10, §8), in 64-bit arithmetic.
+
+Between its two passes over the messages (the projection and the weighted sum of rows, in
+:mod:`draco_jax.decode`), the cyclic decoder works on P-sized arrays: syndromes, locators,
+fits, the certificate, peeling, the weights and the conditioning gates. They need 64-bit
+arithmetic (in float32 they degrade from P = 16 and break from P = 31, §4), which not every
+backend has: TPUs have no float64 or complex128. So they are written once, over an array
+namespace (:class:`Ops`), and run by one of two routes (:data:`SOLVERS`):
+
+* ``device``: in the jitted graph, with JAX's 64-bit types enabled only while they are traced
+  (``jax.enable_x64``), so the user's arrays keep their dtypes. CPUs and GPUs.
+* ``host``: NumPy/SciPy float64 on the host, called from the graph with ``jax.pure_callback``;
+  the graph itself holds no 64-bit value (the callback takes the projection in the message
+  dtype and returns the weights in it). Backends without 64-bit types (TPU, and any platform
+  not known to have them). The data are a few P x C numbers, so the round trip costs
+  microseconds next to the O(P·D) passes. It works inside ``jit``, inside ``shard_map``
+  (sharded combining: every device calls it on the same psum'd projection and gets the same
+  answer) and in multi-process runs (each process calls it for its own devices). NumPy, not
+  JAX, inside the callback: JAX computations started from a callback can deadlock.
+
+``auto`` (the default) picks ``device`` on CPU and GPU and ``host`` elsewhere
+(:func:`resolve_solver`). Both routes run the same functions below; on CPU they agree to the
+last bit in most cases and in every decision the tests check (tests/solver_test.py).
+
+Shape legend: P workers, S adversaries, L = P - 2S, C projection columns, M = C - 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.linalg
+
+from draco_jax.coding import Code
+
+__all__ = [
+  "SOLVERS",
+  "resolve_solver",
+  "check_solver",
+  "Tolerances",
+  "Cyclic",
+  "constants",
+  "solve",
+]
+
+SOLVERS = ("auto", "device", "host")
+# Platforms whose XLA backend has float64 and complex128 (``device`` is picked for them).
+_X64_PLATFORMS = ("cpu", "gpu", "cuda", "rocm")
+
+
+def check_solver(solver: str) -> None:
+  """Raises ValueError unless ``solver`` is one of :data:`SOLVERS`."""
+  if solver not in SOLVERS:
+    raise ValueError(
+      f"unknown decoder solver {solver!r}: the P-sized steps run on the 'device' (in the "
+      "graph, 64-bit) or on the 'host' (NumPy float64 via jax.pure_callback); 'auto' picks "
+      f"'device' on {', '.join(_X64_PLATFORMS[:2])} and 'host' elsewhere; "
+      f"valid: {', '.join(SOLVERS)}"
+    )
+
+
+def resolve_solver(solver: str = "auto", platform: str | None = None) -> str:
+  """``device`` or ``host``: the route ``solver`` means on ``platform`` (default backend).
+
+  Raises:
+    ValueError: an unknown solver, or ``device`` forced on a platform without 64-bit types.
+  """
+  check_solver(solver)
+  platform = (platform or jax.default_backend()).lower()
+  has_x64 = platform in _X64_PLATFORMS
+  if solver == "auto":
+    return "device" if has_x64 else "host"
+  if solver == "device" and not has_x64:
+    raise ValueError(
+      f"decoder solver 'device' runs the P-sized steps in float64 in the graph, but the "
+      f"{platform!r} backend has no 64-bit types; use solver='host' (or 'auto')"
+    )
+  return solver
+
+
+# --------------------------------------------------------------------------- array namespace
+
+
+class Ops(NamedTuple):
+  """The array namespace and control flow the P-sized steps are written against."""
+
+  xp: Any  # jax.numpy or numpy
+  solve_triangular: Callable
+  lstsq: Callable  # min-norm least squares: lstsq(a, b) -> x
+  while_loop: Callable
+  cond: Callable
+  fori_loop: Callable
+  argsort: Callable  # stable
+  nonzero: Callable  # nonzero(mask, size, fill) -> first `size` indices, padded with `fill`
+  take_rows: Callable  # take_rows(a, rows, fill): a[rows], rows out of range give fill
+  set_rows: Callable  # set_rows(a, rows, values): a with a[rows] = values, out of range dropped
+
+
+def _np_while(cond, body, carry):
+  while cond(carry):
+    carry = body(carry)
+  return carry
+
+
+def _np_fori(lo, hi, body, carry):
+  for i in range(lo, hi):
+    carry = body(i, carry)
+  return carry
+
+
+def _np_lstsq(a, b):
+  try:
+    return np.linalg.lstsq(a, b, rcond=None)[0]
+  except np.linalg.LinAlgError:  # no convergence: JAX returns NaN, and the certificate refuses
+    return np.full(a.shape[1:], np.nan, np.result_type(a, b))
+
+
+def _np_solve_triangular(a, b, lower):
+  try:
+    return scipy.linalg.solve_triangular(a, b, lower=lower)
+  except (
+    np.linalg.LinAlgError
+  ):  # an exact zero pivot: JAX gives Inf/NaN, and so the answer is refused
+    return np.full(np.shape(b), np.nan, np.result_type(a, b))
+
+
+def _np_nonzero(mask, size, fill):
+  rows = np.flatnonzero(mask)[:size]
+  return np.concatenate([rows, np.full(size - rows.size, fill, rows.dtype)])
+
+
+def _np_take_rows(a, rows, fill):
+  inside = rows < a.shape[0]
+  return np.where(inside[:, None], a[np.where(inside, rows, 0)], fill)
+
+
+def _np_set_rows(a, rows, values):
+  inside = rows < a.shape[0]
+  out = a.copy()
+  out[rows[inside]] = values[inside]
+  return out
+
+
+DEVICE = Ops(
+  xp=jnp,
+  solve_triangular=jax.scipy.linalg.solve_triangular,
+  lstsq=lambda a, b: jnp.linalg.lstsq(a, b)[0],
+  while_loop=jax.lax.while_loop,
+  cond=jax.lax.cond,
+  fori_loop=jax.lax.fori_loop,
+  argsort=lambda x: jnp.argsort(x, stable=True),
+  nonzero=lambda mask, size, fill: jnp.nonzero(mask, size=size, fill_value=fill)[0],
+  take_rows=lambda a, rows, fill: jnp.take(a, rows, axis=0, mode="fill", fill_value=fill),
+  set_rows=lambda a, rows, values: a.at[rows].set(values, mode="drop"),
+)
+HOST = Ops(
+  xp=np,
+  solve_triangular=_np_solve_triangular,
+  lstsq=_np_lstsq,
+  while_loop=_np_while,
+  cond=lambda pred, true_fn, false_fn: true_fn() if pred else false_fn(),
+  fori_loop=_np_fori,
+  argsort=lambda x: np.argsort(x, kind="stable"),
+  nonzero=_np_nonzero,
+  take_rows=_np_take_rows,
+  set_rows=_np_set_rows,
+)
+
+
+# --------------------------------------------------------------------------- constants
+
+
+class Cyclic(NamedTuple):
+  """Host constants of the cyclic decoder (numpy, float64/complex128)."""
+
+  p: int
+  s: int
+  basis: np.ndarray  # B [P, L], real for the centred code
+  parity: np.ndarray  # H_par [2S, P]
+  u: np.ndarray  # u_k = e^{2πik/P} [P]
+  upow: np.ndarray  # u_k^m [P, S+1], exponents reduced mod P
+  target: np.ndarray  # Bᵀℓ [L]: the weights b satisfy b^T B[agree] = ℓ^T B
+
+
+def constants(code: Code) -> Cyclic:
+  p, s = code.num_workers, code.num_adversaries
+  k = np.arange(p)
+  u = np.exp(2j * np.pi * k / p)
+  upow = np.exp(2j * np.pi * ((k[:, None] * np.arange(s + 1)[None, :]) % p) / p)
+  parity = code.parity_check() if s else np.zeros((0, p), complex)
+  target = code.basis.T @ code.functional
+  return Cyclic(p, s, code.basis, parity, u, upow, target)
+
+
+class Tolerances(NamedTuple):
+  """The certificate's and the gates' constants (set by decode._cyclic_parts).
+
+  Attributes:
+    noise: tol_noise, on each row's propagated rounding noise.
+    common: tol_common, the cap on each row's threshold.
+    resolution: what a row may hide under its threshold, for the resolution gate.
+    fit: the fit's own 64-bit rounding, in units of each row's spread.
+    eps: the messages' machine epsilon (the rounding gate).
+    noise_limit: refuse when eps·rounding or the scaled resolution exceeds this, relative.
+    resolution_limit: the resolution gate's own limit (scales the resolution to noise_limit).
+  """
+
+  noise: float
+  common: float
+  resolution: float
+  fit: float
+  eps: float
+  noise_limit: float
+  resolution_limit: float
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def _erasure_locator(ops: Ops, c: Cyclic, erased_P):
+  """Coefficients of Γ(x) = ∏_{k erased}(x − u_k), length 2S+1 (truncated when e > 2S)."""
+  xp = ops.xp
+  u = xp.asarray(c.u)
+
+  def body(k, g):
+    shifted = xp.concatenate([xp.zeros(1, g.dtype), g[:-1]])
+    return xp.where(erased_P[k], shifted - u[k] * g, g)
+
+  g0 = xp.asarray(np.eye(1, 2 * c.s + 1, dtype=np.complex128)[0])
+  # Γ = 1 without erasures (the common case): skip the P sequential steps.
+  return ops.cond(xp.any(erased_P), lambda: ops.fori_loop(0, c.p, body, g0), lambda: g0)
+
+
+def _locate(ops: Ops, c: Cyclic, y_PxC, erased_P):
+  """Steps 3-6 of §4: flag the t = ⌊(2S−e)/2⌋ non-erased rows with the smallest |Λ(u_k)|.
+
+  Every projection column gives its own syndromes and Hankel system for the same error
+  locator Λ (the error positions are shared, the values differ), so the systems are stacked
+  and solved together: an error that one column happens to see only faintly is located from
+  the others.
+  """
+  xp = ops.xp
+  s2 = 2 * c.s
+  e = xp.sum(erased_P)
+  n = xp.maximum(s2 - e, 0)
+  t = n // 2
+  y_PxC = xp.where(erased_P[:, None], 0, y_PxC).astype(xp.complex128)
+  sigma_JxC = xp.asarray(c.parity) @ y_PxC
+  gamma = _erasure_locator(ops, c, erased_P)
+  j, m = np.arange(s2)[:, None], np.arange(s2 + 1)[None, :]
+  sigma_pad = xp.concatenate([sigma_JxC, xp.zeros((s2 + 1, sigma_JxC.shape[1]), sigma_JxC.dtype)])
+  t_syn = xp.einsum("jmc,m->jc", sigma_pad[j + m], gamma)  # modified syndromes T_j per column
+  t_pad = xp.concatenate([t_syn, xp.zeros((s2 + 1, t_syn.shape[1]), t_syn.dtype)])
+  rows, cols = np.arange(s2)[:, None], np.arange(c.s)[None, :]
+  row_ok = rows < n - t
+  hankel_CxJxS = xp.where((row_ok & (cols < t))[None], t_pad[rows + cols].transpose(2, 0, 1), 0)
+  rhs_CxJ = xp.where(row_ok[:, 0][None], -t_pad[np.arange(s2) + t].T, 0)
+  lam = ops.lstsq(hankel_CxJxS.reshape(-1, c.s), rhs_CxJ.reshape(-1))
+  deg = np.arange(c.s + 1)
+  lam_full = xp.where(deg < t, xp.concatenate([lam, xp.zeros(1, lam.dtype)]), 0)
+  lam_full = lam_full + (deg == t)
+  score = xp.where(erased_P, xp.inf, xp.abs(xp.asarray(c.upow) @ lam_full))
+  rank = ops.argsort(ops.argsort(score))
+  return ~erased_P & (rank >= t)
+
+
+def _masked_qr(ops: Ops, c: Cyclic, mask_P):
+  """Q [P, L], R [L, L] of B with the unmasked rows zeroed, and whether R is invertible.
+
+  Householder QR (no SVD: LAPACK's real SVD is pathologically slow at some sizes on CPU).
+  With at least L masked rows B_m has full rank (every L rows of B are independent); with
+  fewer, R is singular and every result built on it is discarded.
+  """
+  xp = ops.xp
+  q, r = xp.linalg.qr(xp.where(mask_P[:, None], xp.asarray(c.basis), 0))
+  diag = xp.abs(xp.diagonal(r))
+  full_rank = xp.min(diag) > 1e-10 * xp.max(diag)
+  r = xp.where(full_rank, r, xp.eye(r.shape[0], dtype=r.dtype))
+  return q, r, full_rank
+
+
+def _fit(ops: Ops, c: Cyclic, y_PxM, mask_P):
+  """The least-squares codewords [P, M] through the masked rows (meaningless if rank-deficient)."""
+  xp = ops.xp
+  q, r, _ = _masked_qr(ops, c, mask_P)
+  rhs = xp.conj(q).T @ xp.where(mask_P[:, None], y_PxM, 0).astype(q.dtype)
+  return xp.asarray(c.basis) @ ops.solve_triangular(r, rhs, lower=False)
+
+
+class _Fit(NamedTuple):
+  """The least-squares fit of codewords through the masked rows (64-bit, P-sized)."""
+
+  q: Any  # Q [P, L] of B with the unmasked rows zeroed
+  r: Any  # R [L, L]
+  full_rank: Any  # whether R is invertible (else everything here is meaningless)
+  g: Any  # G [P, P]: G·y is the fitted codeword (zero columns off the mask)
+  noise: Any  # noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²) [P]
+  unchecked: Any  # |1 − G_kk| [P]: 1 − h_k on the mask, h_k the leverage of row k
+  spread: Any  # n_k + Σ_j |G_kj| n_j [P]: the scale of the fit's own 64-bit rounding
+
+
+def _fit_on(ops: Ops, c: Cyclic, mask_P, norms_P) -> _Fit:
+  """The fit through the masked rows, with each row's propagated noise (row norms norms_P).
+
+  G = B·R⁻¹·Qᴴ. On the masked rows B_k·R⁻¹ = Q_k, so those rows of G are Q·Qᴴ and only the
+  other rows (at most 2S while R is invertible) need a triangular solve. A solve with a
+  P-column right-hand side would also cost more: OpenBLAS runs it multithreaded, and its
+  threads keep spinning after the call, taking the cores from the O(P·D) passes of the next
+  decode (measured: 2x on every pass at P = 64, 2 cores).
+  """
+  xp = ops.xp
+  q, r, full_rank = _masked_qr(ops, c, mask_P)
+  rows = ops.nonzero(~mask_P, 2 * c.s, c.p)
+  basis_off = ops.take_rows(xp.asarray(c.basis), rows, 0)
+  # B_off·R⁻¹ = (R⁻ᵀ·B_offᵀ)ᵀ (plain transposes: R⁻¹ itself, not its adjoint).
+  solved_LxO = ops.solve_triangular(r.T, basis_off.T, lower=True)
+  g_PxP = ops.set_rows(q @ xp.conj(q).T, rows, solved_LxO.T @ xp.conj(q).T)
+  # Householder leaves ~1e-17 in Q's zeroed rows: times a finite gross row (1e30 in float64)
+  # that would inflate every row's noise and spread, and so its threshold, to O(1).
+  g_PxP = xp.where(mask_P[None, :], g_PxP, 0)
+  m_PxP = xp.eye(c.p, dtype=g_PxP.dtype) - g_PxP
+  noise = xp.sqrt(xp.abs(m_PxP) ** 2 @ (norms_P**2))
+  spread = norms_P + xp.abs(g_PxP) @ norms_P
+  return _Fit(q, r, full_rank, g_PxP, noise, xp.abs(xp.diagonal(m_PxP)), spread)
+
+
+def _agreement(ops: Ops, yc_PxM, norms_P, scale, erased_P, mask_P, fit: _Fit, tol: Tolerances):
+  """Rows whose residual from the codeword fitted on mask is within the rounding they can
+  carry; ``fit`` is the fit on mask.
+
+  The residual r = (I − G)·y of row k carries the rounding noise of every row the fit uses:
+  noise_k = sqrt(Σ_j |(I − G)_kj|² n_j²), n_j being row j's norm (a kept row pulls the fit
+  towards itself; the diagonal 1 − h_k accounts for it). Honest residuals are about
+  u·noise_k, so tol.noise·noise_k separates what rounding can explain from what it cannot.
+  It is capped by tol.common·max(n_k, scale)·sqrt(1 − h_k), scale the median row norm: where
+  the fit extrapolates (wide contiguous gaps at large P) noise_k grows without bound, and the
+  rows of the gap could absorb gross errors along the fit's nearly free directions. (The
+  median alone refused honest rows 16x larger than it, in the middle of even-P codes.)
+  Errors below the threshold are bounded afterwards by the resolution gate of :func:`solve`.
+  A row cannot buy a looser threshold by growing its norm: the threshold grows by tol·‖δ‖,
+  its residual by about |f·δ| ≫ tol·‖δ‖.
+  """
+  xp = ops.xp
+  fitted_PxM = fit.g @ xp.where(mask_P[:, None], yc_PxM, 0).astype(fit.g.dtype)
+  resid = xp.sqrt(xp.mean(xp.abs(yc_PxM - fitted_PxM) ** 2, axis=1))
+  common = xp.maximum(norms_P, scale) * xp.sqrt(xp.clip(fit.unchecked, 1e-12, 1.0))
+  threshold = xp.minimum(tol.noise * fit.noise, tol.common * common) + tol.fit * fit.spread
+  return ~erased_P & (resid <= threshold) & fit.full_rank
+
+
+def _certify(ops: Ops, c: Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tol, max_refits=3):
+  """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing.
+
+  Returns (agree, ok, the fit on agree).
+  """
+  xp = ops.xp
+
+  def check(mask_P):
+    fit = _fit_on(ops, c, mask_P, norms_P)
+    return _agreement(ops, yc_PxM, norms_P, scale, erased_P, mask_P, fit, tol), fit
+
+  def refit(carry):
+    _, cur, _, i = carry
+    return cur, *check(cur), i + 1
+
+  def changing(carry):
+    prev, cur, _, i = carry
+    return xp.any(prev != cur) & (i < max_refits)
+
+  prev, agree, fit, _ = ops.while_loop(changing, refit, (keep_P, *check(keep_P), 0))
+  # Stable: the last fit was on the agreeing rows. Else (max_refits reached) fit them now.
+  fit = ops.cond(xp.all(prev == agree), lambda: fit, lambda: _fit_on(ops, c, agree, norms_P))
+  e = xp.sum(erased_P)
+  need = c.p - e - (2 * c.s - e) // 2
+  ok = (xp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
+  return agree, ok, fit
+
+
+def _peel_suspect(ops: Ops, c: Cyclic, y_P, erased_P, keep_P):
+  """The non-erased row farthest from the codeword fitted on the kept rows (flagged first)."""
+  xp = ops.xp
+  fit = _fit(ops, c, y_P[:, None], keep_P)
+  resid = xp.abs(y_P - fit[:, 0])
+  live = ~erased_P
+  suspects = xp.where(xp.any(live & ~keep_P), live & ~keep_P, live)
+  resid = xp.where(suspects, resid, -1.0)
+  # Not argmax: its lowering builds a 32-bit initial value once x64 is off again.
+  return xp.min(xp.where(resid == xp.max(resid), xp.arange(c.p), c.p))
+
+
+def _weights(ops: Ops, c: Cyclic, agree_P, fit: _Fit):
+  """Minimum-norm b with bᵀB[agree] = ℓᵀB (plain transpose), zero off the agreeing rows;
+  ``fit`` is the fit on the agreeing rows.
+
+  With B_m = QR: b = conj(Q)·R^{-T}·(Bᵀℓ); b lies in the row space, so it is the min-norm one.
+  """
+  xp = ops.xp
+  target = xp.asarray(c.target, fit.r.dtype)
+  coeffs = ops.solve_triangular(fit.r.T, target, lower=True)
+  return xp.where(agree_P & fit.full_rank, xp.conj(fit.q) @ coeffs, 0)
+
+
+def _combined_norm(ops: Ops, gram_PxP, erased_P, b_P):
+  """‖Σ_k b_k Y_k‖ estimated as sqrt(conj(b)ᵀ·gram·b) (64-bit), erased rows left out.
+
+  The estimate is the norm of the combination under a random block-diagonal quadratic form
+  with mean I (see :func:`draco_jax.decode.project`): no cancellation between rows can fool
+  it, and its spread (averaged over m1 >= 16 blocks and C columns) is far below the factor 100
+  between the rounding gate and the 1e-3 a refused answer could otherwise carry.
+  """
+  xp = ops.xp
+  live = ~erased_P[:, None] & ~erased_P[None, :]
+  gram = gram_PxP.astype(b_P.dtype)
+  gram = xp.where(live & xp.isfinite(gram), gram, 0)
+  return xp.sqrt(xp.maximum(xp.real(xp.conj(b_P) @ gram @ b_P), 0))
+
+
+def solve(ops: Ops, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP):
+  """Steps 2-10 of §4 in 64-bit: (agree [P], ok [], weights b/P [P], 64-bit).
+
+  ``y_PxC``, ``sqnorm_P`` and ``gram_PxP`` come from the projection (message dtype); rows
+  with a non-finite projection or norm are erasures.
+  """
+  xp = ops.xp
+  real = not np.iscomplexobj(c.basis)
+  y_PxC = y_PxC.astype(xp.float64 if real else xp.complex128)
+  erased = ~(xp.all(xp.isfinite(y_PxC), axis=1) & xp.isfinite(sqnorm_P))
+  y_PxC = xp.where(erased[:, None], 0, y_PxC)
+  y, yc = y_PxC[:, 0], y_PxC[:, 1:]
+  # The rounding noise of a row scales with its norm; the median over the received rows is
+  # an honest row's norm whenever honest rows are the majority (within the budget).
+  norms = xp.sqrt(xp.where(erased, xp.inf, sqnorm_P.astype(xp.float64)))
+  scale = xp.sort(norms)[xp.maximum(c.p - xp.sum(erased) - 1, 0) // 2]
+  norms = xp.where(erased, 0, norms)
+
+  def candidate(erased_cur):
+    keep = _locate(ops, c, y_PxC, erased_cur)
+    return keep, *_certify(ops, c, yc, norms, scale, erased, keep, tol)
+
+  def refused(carry):
+    i, (erased_cur, _, _, ok, _) = carry
+    return ~ok & (xp.sum(erased_cur) < 2 * c.s) & (i < c.s)
+
+  def peel(carry):
+    i, (erased_cur, keep, _, _, _) = carry
+    nxt = erased_cur | (xp.arange(c.p) == _peel_suspect(ops, c, y, erased_cur, keep))
+    return i + 1, (nxt, *candidate(nxt))
+
+  # A while loop, not S rounds that each test ok: those copied the loop state (the fit's
+  # P x P matrices) every round even when the first candidate was certified (measured at
+  # P = 64, D = 2^16: this function went from about 410 to 320-380 µs).
+  _, (_, _, agree, ok, fit) = ops.while_loop(refused, peel, (0, (erased, *candidate(erased))))
+  weights = _weights(ops, c, agree, fit)
+  # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times eps); and resolution, the
+  # error that rows passing the certificate just under their thresholds could cause. An error
+  # δ in row k leaves (1 − h_k)·δ in its own residual, so each row can hide up to
+  # min(tol.noise·noise_k / (1 − h_k), tol.resolution·scale / sqrt(1 − h_k)): rows that no
+  # other row checks (h_k → 1, at the edges of a wide contiguous gap) can hide anything
+  # (measured at P = 64, S = 16, contiguous: a 1e-3 row error passed and moved the mean by
+  # 3e-2).
+  unchecked = xp.maximum(fit.unchecked, 1e-24)
+  hidden = xp.minimum(
+    tol.noise * fit.noise / unchecked, tol.resolution * scale / xp.sqrt(unchecked)
+  )
+  hidden = hidden + tol.fit * fit.spread / unchecked
+  rounding = xp.sum(xp.abs(weights) * norms)
+  resolution = xp.sum(xp.abs(weights) * hidden)
+  # The gates: rounding·eps and resolution·(noise_limit / resolution_limit) against
+  # noise_limit·‖Σ_k b_k Y_k‖, the norm estimated from the projection's Gram matrix (the
+  # exact norm would be a third pass over D).
+  gate = xp.maximum(rounding * tol.eps, resolution * (tol.noise_limit / tol.resolution_limit))
+  ok = ok & (gate <= tol.noise_limit * _combined_norm(ops, gram_PxP, erased, weights))
+  return agree, ok, weights / c.p
+
+
+def run(route: str, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP, dtype):
+  """:func:`solve` by ``route`` (``device`` or ``host``): (agree [P], ok [], weights [P] in
+  ``dtype``), inside a traced computation."""
+  shapes = (
+    jax.ShapeDtypeStruct((c.p,), jnp.bool_),
+    jax.ShapeDtypeStruct((), jnp.bool_),
+    jax.ShapeDtypeStruct((c.p,), dtype),
+  )
+  if route == "device":
+    with jax.enable_x64(True):
+      agree, ok, weights = solve(DEVICE, c, tol, y_PxC, sqnorm_P, gram_PxP)
+      return agree, ok, weights.astype(dtype)
+
+  def host(y, sqnorm, gram):
+    with np.errstate(all="ignore"):
+      agree, ok, weights = solve(HOST, c, tol, np.asarray(y), np.asarray(sqnorm), np.asarray(gram))
+    return np.asarray(agree, bool), np.asarray(ok, bool), np.asarray(weights).astype(dtype)
+
+  return jax.pure_callback(host, shapes, y_PxC, sqnorm_P, gram_PxP, vmap_method="sequential")

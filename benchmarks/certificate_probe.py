@@ -9,6 +9,9 @@ relative: the issue's "never a silent error above 1e-3".
 Four modes:
   within   at most S bad rows (random or contiguous), every attack of the tests, for the
            cyclic code or (``--code repetition``) the repetition code;
+  small    errors near the certificate's resolution only: t <= S random rows (what the
+           secret row assignment makes of any placement), each x(1 + 1e-3) or `tiny`, at
+           P = 32-64 (:data:`SMALL_CASES`);
   over     S+1 contiguous bad rows, each carrying Gaussian errors of ``alpha`` x its rms
            (the tests' ``tiny`` attack at scale alpha),
            for alpha in {1e-3, 3e-3, 1e-2}: errors near the certificate's resolution, beyond
@@ -27,6 +30,7 @@ Usage (from the repository root):
   python -m benchmarks.certificate_probe --mode within --trials 4000 --code repetition
   python -m benchmarks.certificate_probe --mode within --trials 500 --assignment random \
     --solver host
+  python -m benchmarks.certificate_probe --mode small --trials 600
   python -m benchmarks.certificate_probe --mode over --trials 1000
   python -m benchmarks.certificate_probe --mode top --trials 10000
   python -m benchmarks.certificate_probe --mode envelope --dtype complex64 --p 14-20 --trials 40
@@ -127,6 +131,34 @@ def probe_within(
     assigned = " (rows assigned)" if assignment == "random" else ""
     route = f" solver={solver}" if solver != "auto" else ""
     lines.append(_summary(f"within {name}{assigned}{route} P={p:2d} S={s:2d}", outcomes))
+    print(lines[-1], flush=True)
+  return lines
+
+
+SMALL_CASES = ((32, 8), (48, 12), (63, 8), (64, 4), (64, 8), (64, 16))
+SMALL_ATTACKS = ("scale", "tiny")
+
+
+def probe_small(cases, trials: int, seed: int, solver: str = "auto") -> list[str]:
+  """Small errors only: t <= S random rows (the rows a secret assignment gives any placement),
+  each x(1 + 1e-3) or `tiny`, near the certificate's resolution."""
+  rng = np.random.default_rng(seed)
+  lines = []
+  for p, s in cases:
+    outcomes = []
+    for trial in range(trials):
+      rows = reference.random_rows(rng, p, int(rng.integers(1, s + 1)))
+      attack = SMALL_ATTACKS[trial % len(SMALL_ATTACKS)]
+      ok, err = _trial(
+        p,
+        s,
+        rows,
+        lambda sent, mask, a=attack: reference.attack(a, sent, mask, rng),
+        rng,
+        solver=solver,
+      )
+      outcomes.append((attack, ok, err))
+    lines.append(_top_summary(f"small cyclic P={p:2d} S={s:2d}", outcomes))
     print(lines[-1], flush=True)
   return lines
 
@@ -242,7 +274,9 @@ def probe_envelope(dtype: str, p_values, trials: int, seed: int) -> list[str]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--mode", choices=("within", "over", "top", "envelope"), required=True)
+  parser.add_argument(
+    "--mode", choices=("within", "small", "over", "top", "envelope"), required=True
+  )
   parser.add_argument("--code", choices=tuple(WITHIN_CASES), help="within only (default cyclic)")
   parser.add_argument("--trials", type=int, default=300, help="fresh trials per case")
   parser.add_argument("--seed", type=int, default=0)
@@ -256,7 +290,7 @@ def main():
     "--solver",
     choices=("auto", "device", "host"),
     default="auto",
-    help="within only: where the decoder's 64-bit steps run (host: the route of TPUs)",
+    help="within, small: where the decoder's 64-bit steps run (host: the route of TPUs)",
   )
   parser.add_argument(
     "--dtype", choices=("complex64", "complex128"), default="complex64", help="envelope only"
@@ -273,6 +307,8 @@ def main():
   if args.mode == "within":
     code = args.code or "cyclic"
     probe_within(WITHIN_CASES[code], args.trials, args.seed, code, args.assignment, args.solver)
+  elif args.mode == "small":
+    probe_small(SMALL_CASES, args.trials, args.seed, args.solver)
   elif args.mode == "over":
     probe_over(OVER_CASES, args.trials, args.seed)
   elif args.mode == "top":

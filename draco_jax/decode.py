@@ -109,6 +109,17 @@ _NOISE_LIMIT = 1e-4
 # Refuse answers that errors just below the certificate's tolerance could move by more than
 # this, relative (see cyclic_solve.solve). Within the exact region of the tests it stays below 1e-3.
 _RESOLUTION_LIMIT = 1e-2
+# Decode again, with the row erased, when a certified decoding has an agreeing row above this
+# fraction of its threshold (see cyclic_solve.solve). Honest rows: <= 0.19 of their threshold
+# over 600 fresh trials each at P = 24-64, D = 512 (median 0.07-0.09); the noise tolerance
+# lets them reach ~0.25 at large D (at 0.25 honest rows at P = 32, S = 15, D = 2^16 were
+# flagged). Bad rows that a locator off by one row let through: 0.24-0.9, 15 of 18 above 0.3
+# (P = 63, 64, `scale` and `tiny` attacks).
+_SUSPECT = 0.3
+# Decode again, with the row erased, when a certified answer could lean on one agreeing row by
+# more than this (|b_k|·hidden_k over its norm), and keep the decoding with more agreeing rows
+# (see cyclic_solve.solve): the precision a certified answer promises.
+_LEAK = 1e-5
 
 
 # --------------------------------------------------------------------------- projection
@@ -425,6 +436,8 @@ def _cyclic_parts(code: Code, *, tol=None, solver: str = "auto") -> DecoderParts
       eps=float(jnp.finfo(dtype).eps),
       noise_limit=_NOISE_LIMIT,
       resolution_limit=_RESOLUTION_LIMIT,
+      suspect=_SUSPECT,
+      leak=_LEAK,
     )
     y_PxC = projection.y_PxC
     sqnorm_P = jnp.mean(projection.sqnorm_PxC, axis=1)

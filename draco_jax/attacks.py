@@ -20,7 +20,6 @@ Which workers are adversarial at a step is a placement (:mod:`draco_jax.placemen
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Callable
 
 import jax
@@ -55,19 +54,6 @@ def _number(what: str, value, *, positive: bool = False) -> float:
   if positive and value <= 0:
     raise ValueError(f"{what} must be > 0; got {value!r}")
   return float(value)
-
-
-def _integer(what: str, value, low: int, high: int | None = None) -> int:
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    number = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{what} must be an integer; got {value!r}") from None
-  if number < low or (high is not None and number > high):
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{what} must be {bound}; got {number}")
-  return number
 
 
 def _is_cyclic(code: Code | None) -> bool:

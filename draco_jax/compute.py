@@ -13,7 +13,7 @@ the simulator may choose how it produces the P messages (``config.worker_compute
   over the worker mesh (device d evaluates its p partitions, vmapped). Device d then holds the
   gradients its p rows need (its own and those it receives: :func:`_exchange_plan`) and
   encodes its rows. Cyclic codes: one dense product of its rows' coefficients over that table
-  (:func:`_dense_rows`), which sums each row's R terms in table order, so the messages equal
+  (:func:`_distinct_rows`), which sums each row's R terms in table order, so the messages equal
   the per-worker ones to within the rounding of a reordered sum (a few units in the last place
   of the terms' magnitudes; tests/compute_test.py). Repetition: each row's R gradients are
   gathered and encoded with ``coding.encode_rows``, a block of columns at a time
@@ -279,14 +279,14 @@ class _Rows(NamedTuple):
     coef_NuxR: its R coefficients, in the worker's support order (zero rows pad).
     index_NuxR: where its R partitions sit in the table, in the same order.
     pick_P: int32, row k's distinct row on its device.
-    identity: every row is its own distinct row (u = p, pick = 0..p-1 on every device).
+    all_distinct: every row is its own distinct row (u = p, pick = 0..p-1 on every device).
   """
 
   dense_NuxE: np.ndarray
   coef_NuxR: np.ndarray
   index_NuxR: np.ndarray
   pick_P: np.ndarray
-  identity: bool
+  all_distinct: bool
 
 
 def _distinct_rows(exchange: _Exchange, coef_PxR: np.ndarray, n: int) -> _Rows:
@@ -307,13 +307,13 @@ def _distinct_rows(exchange: _Exchange, coef_PxR: np.ndarray, n: int) -> _Rows:
   rows_Nu = np.concatenate([np.pad(f, (0, u - len(f)), constant_values=-1) for f in firsts])
   real = rows_Nu >= 0
   take = lambda a: np.where(real.reshape(-1, *[1] * (a.ndim - 1)), a[np.maximum(rows_Nu, 0)], 0)
-  identity = u == p and all(np.array_equal(pick, np.arange(p)) for pick in picks)
+  all_distinct = u == p and all(np.array_equal(pick, np.arange(p)) for pick in picks)
   return _Rows(
     take(dense_PxE),
     take(coef_PxR),
     take(exchange.index_PxR).astype(np.int32),
     np.concatenate(picks).astype(np.int32),
-    identity,
+    all_distinct,
   )
 
 
@@ -356,7 +356,7 @@ def _shared_encode(code: coding.Code, mesh, num_poisoners: int) -> Callable:
       sent_uxD = jnp.matmul(dense_uxE, table_ExD.astype(dtype), precision=precision)
     else:
       sent_uxD = _encode_in_blocks(coef_uxR, table_ExD, index_uxR)
-    return sent_uxD if rows.identity else sent_uxD[pick_p]
+    return sent_uxD if rows.all_distinct else sent_uxD[pick_p]
 
   def poisoned(grads_pxD, dense_uxE, coef_uxR, index_uxR, pick_p, *rest):
     coef_txR, poisoned_txRxD, rows_t, *sends_h = rest

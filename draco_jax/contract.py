@@ -24,6 +24,7 @@ input, so new adversary sets or values never recompile.
 from __future__ import annotations
 
 import inspect
+import operator
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -39,6 +40,7 @@ __all__ = [
   "REAL_DTYPES",
   "COMPLEX_DTYPES",
   "check_dtype",
+  "check_integer",
   "check_received",
   "jit_combiner",
   "finite_rows",
@@ -79,6 +81,21 @@ def make_report(flagged_P: jax.Array, ok: jax.Array, iterations=0) -> Report:
     ok=jnp.asarray(ok, bool),
     iterations=jnp.asarray(iterations, jnp.int32),
   )
+
+
+def check_integer(what: str, value, low: int, high: int | None = None) -> int:
+  """``value`` as an int in [low, high] (high None: no upper bound); else a ValueError naming
+  ``what``, the rule and the value. Booleans are not integers here."""
+  try:
+    if isinstance(value, bool):
+      raise TypeError
+    number = operator.index(value)
+  except TypeError:
+    raise ValueError(f"{what} must be an integer; got {value!r}") from None
+  if number < low or (high is not None and number > high):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{what} must be {bound}; got {number}")
+  return number
 
 
 def check_dtype(dtype, supported=REAL_DTYPES, what: str = "combiner") -> None:

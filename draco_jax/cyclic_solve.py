@@ -542,18 +542,19 @@ def solve(ops: Ops, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP):
   retry = ok & (xp.max(leaks) > tol.leak * norm) & (unchecked < _UNCHECKED)
   retry = retry & (xp.sum(erased_cur) < 2 * c.s)
 
+  kept = (agree, fit, reported, weights, hidden)
+
   def alternative():
     rows_P = erased_cur | (xp.arange(c.p) == worst)
     other, other_ok, other_fit, _ = decode_from(rows_P)
     better = other_ok & (xp.sum(other) > xp.sum(agree))
     return ops.cond(
       better,
-      lambda: (other, other_fit, cleared(rows_P, other, other_fit)),
-      lambda: (agree, fit, reported),
+      lambda: (other, other_fit, cleared(rows_P, other, other_fit), *bounds(other, other_fit)),
+      lambda: kept,
     )
 
-  agree, fit, reported = ops.cond(retry, alternative, lambda: (agree, fit, reported))
-  weights, hidden = bounds(agree, fit)
+  agree, fit, reported, weights, hidden = ops.cond(retry, alternative, lambda: kept)
   # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times eps); and resolution, the
   # error that rows passing the certificate just under their thresholds could cause.
   rounding = xp.sum(xp.abs(weights) * norms)

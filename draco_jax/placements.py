@@ -16,7 +16,6 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from draco_jax import contract
-from draco_jax.attacks import _integer
 
 __all__ = ["PLACEMENTS", "Placement", "make_placement"]
 
@@ -37,7 +36,7 @@ def _fixed(num_workers: int, num_adversaries: int, *, workers=None) -> Placement
   p, s = num_workers, num_adversaries
   workers = tuple(range(s)) if workers is None else tuple(workers)
   for w in workers:
-    _integer(f"fixed placement: worker index {w!r}", w, 0, p - 1)
+    contract.check_integer(f"fixed placement: worker index {w!r}", w, 0, p - 1)
   if len(set(workers)) != len(workers) or len(workers) != s:
     raise ValueError(
       f"fixed placement: workers must be S = {s} distinct indices in [0, {p}); got {workers}"
@@ -67,7 +66,9 @@ def _contiguous(num_workers: int, num_adversaries: int, *, start: int | str = 0)
   """
   p, s = num_workers, num_adversaries
   if start != "random":
-    start = _integer("contiguous placement: start ('random' or an index)", start, 0, p - 1)
+    start = contract.check_integer(
+      "contiguous placement: start ('random' or an index)", start, 0, p - 1
+    )
 
   def placement(key, step):
     first = start
@@ -110,6 +111,6 @@ def make_placement(kind: str, num_workers: int, num_adversaries: int, **options)
     raise ValueError(f"unknown placement {kind!r}; valid placements: {', '.join(PLACEMENTS)}")
   factory = PLACEMENTS[kind]
   contract.check_options(f"placement {kind!r}", factory, options)
-  p = _integer(f"placement {kind!r}: num_workers (P)", num_workers, 1)
-  s = _integer(f"placement {kind!r}: num_adversaries (S)", num_adversaries, 0, p)
+  p = contract.check_integer(f"placement {kind!r}: num_workers (P)", num_workers, 1)
+  s = contract.check_integer(f"placement {kind!r}: num_adversaries (S)", num_adversaries, 0, p)
   return factory(p, s, **options)

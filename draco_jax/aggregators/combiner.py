@@ -8,7 +8,6 @@ runs at construction, :class:`_Slices` (whether a call sees whole rows or, insid
 from __future__ import annotations
 
 import numbers
-import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -57,15 +56,7 @@ _Rule = Callable[[jax.Array, _Slices], tuple[jax.Array, jax.Array, jax.Array | i
 
 def _count(rule: str, what: str, value, minimum: int) -> int:
   """Returns ``value`` as an int, or raises ValueError naming the rule, the quantity and value."""
-  try:
-    if isinstance(value, bool):
-      raise TypeError
-    number = operator.index(value)
-  except TypeError:
-    raise ValueError(f"{rule}: {what} must be an integer; got {value!r}") from None
-  if number < minimum:
-    raise ValueError(f"{rule}: {what} must be >= {minimum}; got {number}")
-  return number
+  return contract.check_integer(f"{rule}: {what}", value, minimum)
 
 
 def _counts(rule: str, num_workers, num_adversaries) -> tuple[int, int]:

@@ -301,8 +301,12 @@ def _distinct_rows(exchange: _Exchange, coef_PxR: np.ndarray, n: int) -> _Rows:
     _, first, pick = np.unique(
       dense_PxE[d * p : (d + 1) * p], axis=0, return_index=True, return_inverse=True
     )
-    firsts.append(d * p + first)
-    picks.append(pick.reshape(-1))
+    # In order of first appearance, so distinct rows keep their places (no gather).
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    firsts.append(d * p + first[order])
+    picks.append(rank[pick.reshape(-1)])
   u = max(len(f) for f in firsts)
   rows_Nu = np.concatenate([np.pad(f, (0, u - len(f)), constant_values=-1) for f in firsts])
   real = rows_Nu >= 0

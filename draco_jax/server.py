@@ -93,11 +93,22 @@ def _stragglers(key: jax.Array, mask_P: jax.Array, num_stragglers: int) -> jax.A
   return jnp.zeros_like(mask_P).at[jnp.argsort(score_P)[:num_stragglers]].set(True)
 
 
-def _corrupt(attack_fns, key, sent_PxD, mask_P, straggle_P, attack_index):
-  """What the server receives: the chosen attack on masked rows, NaN rows for stragglers."""
+def _corrupt(attack_fns, key, sent_PxD, mask_P, straggle_P, attack_index, num_rows: int):
+  """What the server receives: the chosen attack on masked rows, NaN rows for stragglers.
+
+  An attack changes only its masked rows, so the rows it and the stragglers change, at most
+  ``num_rows`` = t + e of them as the ``masks`` phase draws them, are written over the messages
+  in place (a scatter): no second [P, D] buffer and no pass over the honest rows.
+  """
   received_PxD = jax.lax.switch(attack_index, attack_fns, key, sent_PxD, mask_P)
   missing = jnp.asarray(jnp.nan, received_PxD.dtype)
-  return jnp.where(straggle_P[:, None], missing, received_PxD)
+  received_PxD = jnp.where(straggle_P[:, None], missing, received_PxD)
+  p = sent_PxD.shape[0]
+  if num_rows >= p:
+    return received_PxD
+  (rows_m,) = jnp.nonzero(mask_P | straggle_P, size=num_rows, fill_value=p)
+  changed_mxD = jnp.take(received_PxD, rows_m, axis=0, mode="clip")  # computes m rows only
+  return sent_PxD.at[rows_m].set(changed_mxD, mode="drop")
 
 
 def assign_rows(key: jax.Array, num_workers: int) -> jax.Array:
@@ -160,23 +171,29 @@ def _combiner(config: TrainConfig, code: coding.Code, num_shards: int | None):
 
 def _replicated(config, code, mesh, attack_fns) -> tuple[Callable, Callable, Callable]:
   combiner = _combiner(config, code, None)
+  changed = config.num_adversaries + config.num_stragglers
 
   def gather(rows_pxD):
     return jax.lax.all_gather(rows_pxD, mesh_lib.WORKER_AXIS, tiled=True, to="invarying")
 
   def attack(key, sent_PxD, mask_P, straggle_P, attack_index):
     keys = split_step_key(key)
-    return _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
+    return _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index, changed)
 
   def combine(key, received_PxD) -> tuple[jax.Array, contract.Report]:
     return combiner(received_PxD, split_step_key(key).combine)
 
   deliver = jax.shard_map(gather, mesh=mesh, in_specs=_WORKERS, out_specs=_WHOLE)
+  if mesh.shape[mesh_lib.WORKER_AXIS] == 1:
+    # One device holds every row already; XLA would copy [P, D] for the one-device all-gather
+    # (a third [P, D] buffer at the step's peak).
+    deliver = lambda rows_PxD: rows_PxD  # noqa: E731
   return deliver, attack, combine
 
 
 def _sharded(config, code, mesh, attack_fns, num_features: int):
   n = mesh.shape[mesh_lib.WORKER_AXIS]
+  changed = config.num_adversaries + config.num_stragglers
   combine_slices = _combiner(config, code, n)
 
   def slices(rows_pxD):
@@ -185,7 +202,9 @@ def _sharded(config, code, mesh, attack_fns, num_features: int):
   def attack(key, slice_PxW, mask_P, straggle_P, attack_index):
     device = jax.lax.axis_index(mesh_lib.WORKER_AXIS)
     attack_key = jax.random.fold_in(split_step_key(key).attack, device)
-    received_PxW = _corrupt(attack_fns, attack_key, slice_PxW, mask_P, straggle_P, attack_index)
+    received_PxW = _corrupt(
+      attack_fns, attack_key, slice_PxW, mask_P, straggle_P, attack_index, changed
+    )
     return sharded_lib.clear_padding(received_PxW, num_features)
 
   def combine(key, slice_PxW):

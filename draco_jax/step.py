@@ -66,7 +66,9 @@ class StepPhases(NamedTuple):
     gradients: ``(params, poison_P, x, y) -> grads``, the partition gradients of the run's
       ``worker_compute`` mode (``draco_jax.compute``), sharded over the workers.
     encode: ``grads -> sent``, the messages as the server holds them.
-    attack: ``(key, sent, mask_P, straggle_P, attack_index) -> received``.
+    attack: ``(key, sent, mask_P, straggle_P, attack_index) -> received``, for masks as
+      ``masks`` draws them (at most t adversaries and e stragglers: only that many rows are
+      written over ``sent``).
     combine: ``(key, received) -> (mean_D, report)``.
     update: ``(state, mean_D, ok) -> state``.
     clean: ``(params, x, y, grads) -> (loss, accuracy, clean_D)``.

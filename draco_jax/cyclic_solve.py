@@ -231,6 +231,8 @@ _UNCHECKED = 1e-5
 # At most this many suspect rows are erased and decoded again (each costs a P-sized decode;
 # the ambiguities measured needed one or two).
 _SECOND_LOOKS = 4
+# The stages of the second looks (see solve).
+_DONE, _FIRST, _LOOK, _RETRY = -1, 0, 1, 2
 
 # --------------------------------------------------------------------------- steps
 
@@ -368,34 +370,45 @@ def _agreement(ops: Ops, yc_PxM, norms_P, scale, erased_P, mask_P, fit: _Fit, to
   return agree, xp.where(agree, resid / threshold, 0)
 
 
+def _empty_fit(ops: Ops, c: Cyclic) -> _Fit:
+  """Zeros shaped like a :class:`_Fit` (a loop's state before its first fit)."""
+  xp = ops.xp
+  dtype, num_cols = c.basis.dtype, c.basis.shape[1]
+  real = lambda: xp.zeros(c.p, xp.float64)  # noqa: E731
+  return _Fit(
+    xp.zeros((c.p, num_cols), dtype),
+    xp.zeros((num_cols, num_cols), dtype),
+    xp.asarray(False),
+    xp.zeros((c.p, c.p), dtype),
+    real(),
+    real(),
+    real(),
+  )
+
+
 def _certify(ops: Ops, c: Cyclic, yc_PxM, norms_P, scale, erased_P, keep_P, tol, max_refits=3):
   """Step 7 with the corrections of §8: refit on the agreeing rows until they stop changing.
 
   Returns (agree, ok, the fit on agree, each agreeing row's residual / threshold).
+
+  One loop, its body (a fit and the rows agreeing with it) traced once: the first round fits
+  keep, each later one the rows the round before found agreeing. After max_refits refits
+  without settling, the last round measures the agreeing rows on their own fit and keeps them.
   """
   xp = ops.xp
 
-  def check(mask_P):
+  def check(carry):
+    i, mask_P, _, _, _ = carry
     fit = _fit_on(ops, c, mask_P, norms_P)
-    return *_agreement(ops, yc_PxM, norms_P, scale, erased_P, mask_P, fit, tol), fit
+    agree, ratio = _agreement(ops, yc_PxM, norms_P, scale, erased_P, mask_P, fit, tol)
+    forced = i > max_refits
+    settled = forced | xp.all(agree == mask_P)
+    agree = xp.where(forced, mask_P, agree)
+    ratio = xp.where(forced, xp.where(mask_P, ratio, 0), ratio)
+    return i + 1, agree, ratio, fit, settled
 
-  def refit(carry):
-    _, cur, _, _, i = carry
-    return cur, *check(cur), i + 1
-
-  def changing(carry):
-    prev, cur, _, _, i = carry
-    return xp.any(prev != cur) & (i < max_refits)
-
-  prev, agree, ratio, fit, _ = ops.while_loop(changing, refit, (keep_P, *check(keep_P), 0))
-
-  def fit_agree():  # max_refits reached: fit the agreeing rows now, and measure them on it
-    fit_now = _fit_on(ops, c, agree, norms_P)
-    _, ratio_now = _agreement(ops, yc_PxM, norms_P, scale, erased_P, agree, fit_now, tol)
-    return xp.where(agree, ratio_now, 0), fit_now
-
-  # Stable: the last fit was on the agreeing rows.
-  ratio, fit = ops.cond(xp.all(prev == agree), lambda: (ratio, fit), fit_agree)
+  init = (0, keep_P, xp.zeros(c.p, xp.float64), _empty_fit(ops, c), xp.asarray(False))
+  _, agree, ratio, fit, _ = ops.while_loop(lambda carry: ~carry[-1], check, init)
   e = xp.sum(erased_P)
   need = c.p - e - (2 * c.s - e) // 2
   ok = (xp.sum(agree) >= need) & ((e < 2 * c.s) | (e == 0)) & (e <= 2 * c.s)
@@ -461,58 +474,38 @@ def solve(ops: Ops, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP):
   norms = xp.sqrt(xp.where(erased, xp.inf, sqnorm_P.astype(xp.float64)))
   scale = xp.sort(norms)[xp.maximum(c.p - xp.sum(erased) - 1, 0) // 2]
   norms = xp.where(erased, 0, norms)
+  zeros_P = xp.zeros(c.p, xp.float64)
+  arange = xp.arange(c.p)
 
   def decode_from(erased_start):
     """Locate and certify with the rows of erased_start erased, peeling a flagged row into the
-    locator's erasures while refused (the certificate keeps erased_start's count)."""
+    locator's erasures while refused (the certificate keeps erased_start's count).
 
-    def candidate(erased_cur):
+    A while loop, its body traced once (each trace of the locate-and-certify steps adds to
+    every cyclic decoder's compile time), and not S rounds that each test ok: those copied
+    the loop state (the fit's P x P matrices) every round even when the first candidate was
+    certified (measured at P = 64, D = 2^16: 410 against 320-380 µs).
+    """
+
+    def candidate(carry):
+      i, erased_cur, keep, *_ = carry
+      # After the first candidate: the non-erased row farthest from the kept rows' fit.
+      peeled = lambda: erased_cur | (arange == _peel_suspect(ops, c, y, erased_cur, keep))  # noqa: E731
+      erased_cur = ops.cond(i > 0, peeled, lambda: erased_cur)
       keep = _locate(ops, c, y_PxC, erased_cur)
-      return keep, *_certify(ops, c, yc, norms, scale, erased_start, keep, tol)
+      return i + 1, erased_cur, keep, *_certify(ops, c, yc, norms, scale, erased_start, keep, tol)
 
     def refused(carry):
-      i, (erased_cur, _, _, ok, _, _) = carry
-      return ~ok & (xp.sum(erased_cur) < 2 * c.s) & (i < c.s)
+      i, erased_cur, _, _, ok, _, _ = carry
+      return (i == 0) | (~ok & (xp.sum(erased_cur) < 2 * c.s) & (i <= c.s))
 
-    def peel(carry):
-      i, (erased_cur, keep, _, _, _, _) = carry
-      nxt = erased_cur | (xp.arange(c.p) == _peel_suspect(ops, c, y, erased_cur, keep))
-      return i + 1, (nxt, *candidate(nxt))
-
-    # A while loop, not S rounds that each test ok: those copied the loop state (the fit's
-    # P x P matrices) every round even when the first candidate was certified (measured at
-    # P = 64, D = 2^16: this function went from about 410 to 320-380 µs).
-    init = (0, (erased_start, *candidate(erased_start)))
-    _, (_, _, agree, ok, fit, ratio) = ops.while_loop(refused, peel, init)
+    no_rows = xp.zeros(c.p, bool)
+    init = (0, erased_start, no_rows, no_rows, xp.asarray(False), _empty_fit(ops, c), zeros_P)
+    _, _, _, agree, ok, fit, ratio = ops.while_loop(refused, candidate, init)
     return agree, ok, fit, ratio
 
-  # A suspect: a certified decoding in which some agreeing row's residual is above
-  # tol.suspect of its threshold, where honest rows stay below (the noise tolerance is set
-  # 4-6x above the largest honest residual: <= 0.19 measured at D = 512, P <= 64, up to ~0.25
-  # at large D). It marks the ambiguity of a bad row with a small error next to a located one:
-  # with the locator off by one row, the bad row passes (0.24-0.9 of its threshold measured)
-  # and the answer is off by 1-2e-4 (P = 63, 64, errors of 1e-3 of a row). Decode again with
-  # that row erased, while suspect and erasures remain (at most _SECOND_LOOKS times): erasing
-  # a row costs nothing in exactness while 2t + e <= 2S, and the new decoding has its own
-  # certificate.
-  # A row erased by a second look is reported (not flagged) if it agrees with the fit of the
-  # decoding that left it out: an honest row near its threshold, dropped at no cost.
   def cleared(rows_P, agree_P, fit_now):
     return rows_P & _agreement(ops, yc, norms, scale, erased, agree_P, fit_now, tol)[0]
-
-  def suspect(carry):
-    i, erased_cur, (_, ok, _, ratio), _ = carry
-    more = (xp.sum(erased_cur) < 2 * c.s) & (i < _SECOND_LOOKS)
-    return ok & (xp.max(ratio) > tol.suspect) & more
-
-  def erase_worst(carry):
-    i, erased_cur, (_, _, _, ratio), _ = carry
-    worst_P = xp.arange(c.p) == xp.min(xp.where(ratio == xp.max(ratio), xp.arange(c.p), c.p))
-    other = decode_from(erased_cur | worst_P)
-    return i + 1, erased_cur | worst_P, other, cleared(erased_cur | worst_P, other[0], other[2])
-
-  init = (0, erased, decode_from(erased), xp.zeros(c.p, bool))
-  _, erased_cur, (agree, ok, fit, _), reported = ops.while_loop(suspect, erase_worst, init)
 
   def bounds(agree_P, fit_now):
     """The weights, and what each row could hide under its threshold (hidden)."""
@@ -528,33 +521,57 @@ def solve(ops: Ops, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP):
     )
     return weights_P, hidden_P + tol.fit * fit_now.spread / unchecked
 
-  # The agreeing row the answer leans on most without checking it (largest |b_k|·hidden_k): a
-  # bad row can sit there between two flagged honest rows, with 1 − h_k near 0 (measured at
-  # P = 64, S = 8: t = 7 rows x(1 + 1e-3), 1 − h_k = 1.3e-6, the answer off by 1.3e-4). When
-  # that row is all but unchecked (1 − h_k < _UNCHECKED), decode again with it erased, and
-  # take that decoding if it certifies with more agreeing rows: fewer rows flagged is the
-  # minimum-distance choice, and an honest row erased never gives more.
-  weights, hidden = bounds(agree, fit)
-  leaks = xp.abs(weights) * hidden
-  worst = xp.min(xp.where(leaks == xp.max(leaks), xp.arange(c.p), c.p))
-  norm = _combined_norm(ops, gram_PxP, erased, weights)
-  unchecked = xp.sum(xp.where(xp.arange(c.p) == worst, fit.unchecked, 0))
-  retry = ok & (xp.max(leaks) > tol.leak * norm) & (unchecked < _UNCHECKED)
-  retry = retry & (xp.sum(erased_cur) < 2 * c.s)
+  # Second looks at a certified decoding, each a decoding with one more row erased; one loop
+  # whose body (decode_from) is traced once, in three stages:
+  # _FIRST: rows = the non-finite ones.
+  # _LOOK, a suspect: a certified decoding in which some agreeing row's residual is above
+  #   tol.suspect of its threshold, where honest rows stay below (the noise tolerance is set
+  #   4-6x above the largest honest residual: <= 0.19 measured at D = 512, P <= 64, up to ~0.25
+  #   at large D). It marks the ambiguity of a bad row with a small error next to a located
+  #   one: with the locator off by one row, the bad row passes (0.24-0.9 of its threshold
+  #   measured) and the answer is off by 1-2e-4 (P = 63, 64, errors of 1e-3 of a row). Decode
+  #   again with that row erased, while suspect and erasures remain (at most _SECOND_LOOKS
+  #   times): erasing a row costs nothing in exactness while 2t + e <= 2S, and the new
+  #   decoding has its own certificate, which replaces the last one.
+  # _RETRY, a leak: the agreeing row the answer leans on most without checking it (largest
+  #   |b_k|·hidden_k): a bad row can sit there between two flagged honest rows, with 1 − h_k
+  #   near 0 (measured at P = 64, S = 8: t = 7 rows x(1 + 1e-3), 1 − h_k = 1.3e-6, the answer
+  #   off by 1.3e-4). When no look is due and that row is all but unchecked (1 − h_k <
+  #   _UNCHECKED), decode once more with it erased, and take that decoding if it certifies
+  #   with more agreeing rows: fewer rows flagged is the minimum-distance choice, and an
+  #   honest row erased never gives more.
+  # A row erased by a look or a retry is reported (not flagged) if it agrees with the fit of
+  # the decoding that left it out: an honest row near its threshold, dropped at no cost.
+  def look(carry):
+    stage, looks, rows_P, erased_cur, current, reported, _, _ = carry
+    new = decode_from(rows_P)
+    retry = stage == _RETRY
+    take = ~retry | (new[1] & (xp.sum(new[0]) > xp.sum(current[0])))
+    pick = lambda a, b: xp.where(take, a, b)  # noqa: E731
+    agree, ok, fit, ratio = jax.tree.map(pick, new, current)
+    reported = pick(cleared(rows_P, new[0], new[2]), reported)
+    erased_cur = xp.where(retry, erased_cur, rows_P)
+    looks = looks + (stage == _LOOK)
+    weights, hidden = bounds(agree, fit)
+    more = ~retry & ok & (xp.sum(erased_cur) < 2 * c.s)
+    suspect = more & (xp.max(ratio) > tol.suspect) & (looks < _SECOND_LOOKS)
+    worst_ratio = xp.min(xp.where(ratio == xp.max(ratio), arange, c.p))
+    leaks = xp.abs(weights) * hidden
+    worst_leak = xp.min(xp.where(leaks == xp.max(leaks), arange, c.p))
+    norm = _combined_norm(ops, gram_PxP, erased, weights)
+    unchecked = xp.sum(xp.where(arange == worst_leak, fit.unchecked, 0))
+    leak = more & (xp.max(leaks) > tol.leak * norm) & (unchecked < _UNCHECKED)
+    rows_P = erased_cur | (arange == xp.where(suspect, worst_ratio, worst_leak))
+    stage = xp.where(suspect, _LOOK, xp.where(leak, _RETRY, _DONE)).astype(xp.int32)
+    return stage, looks, rows_P, erased_cur, (agree, ok, fit, ratio), reported, weights, hidden
 
-  kept = (agree, fit, reported, weights, hidden)
-
-  def alternative():
-    rows_P = erased_cur | (xp.arange(c.p) == worst)
-    other, other_ok, other_fit, _ = decode_from(rows_P)
-    better = other_ok & (xp.sum(other) > xp.sum(agree))
-    return ops.cond(
-      better,
-      lambda: (other, other_fit, cleared(rows_P, other, other_fit), *bounds(other, other_fit)),
-      lambda: kept,
-    )
-
-  agree, fit, reported, weights, hidden = ops.cond(retry, alternative, lambda: kept)
+  no_rows = xp.zeros(c.p, bool)
+  current = (no_rows, xp.asarray(False), _empty_fit(ops, c), zeros_P)
+  weights = xp.zeros(c.p, c.basis.dtype)
+  first = xp.asarray(_FIRST, xp.int32)
+  init = (first, xp.asarray(0, xp.int32), erased, erased, current, no_rows, weights, zeros_P)
+  final = ops.while_loop(lambda carry: carry[0] != _DONE, look, init)
+  _, _, _, _, (agree, ok, _, _), reported, weights, hidden = final
   # Two error bounds on Σ_k b_k Y_k: rounding, Σ|b_k|·‖Y_k‖ (times eps); and resolution, the
   # error that rows passing the certificate just under their thresholds could cause.
   rounding = xp.sum(xp.abs(weights) * norms)

@@ -13,12 +13,18 @@ messages), one after the other; "x mean" is the step time over the uncoded mean'
 same round and "combine share" the combine time over the method's own step time of that round,
 both the median over the rounds (the load of a shared machine drifts within seconds).
 "peak MiB" is the compiled step's ``memory_analysis()`` per device: arguments + outputs +
-temporaries - aliased. "per_worker / shared" is the per-worker step over the shared one.
+temporaries - aliased. "faults" is the process's minor page faults per step call: XLA:CPU
+allocates a program's temporaries as one buffer at each call, and glibc serves a buffer above
+32 MiB with a fresh ``mmap`` whose 4 KiB pages the kernel faults in and zeroes one by one
+(about 1 ms per 1,000 here), so a step whose temporaries cross 32 MiB pays some 8,000 faults
+per call that one just under it does not: compare ratios with this column in view.
+"per_worker / shared" is the per-worker step over the shared one.
 
 Usage (docs/benchmarks.md has both tables):
   python -m benchmarks.step_bench --num_devices 1  # MLP, LeNet; P = 15 (S = 2), 45 (S = 5, 10)
   python -m benchmarks.step_bench                  # the same on the default mesh (5 devices)
   python -m benchmarks.step_bench --quick          # MLP, P = 15 (S = 2) only
+  python -m benchmarks.step_bench --models mlp --num_devices 1   # one model
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import time
 import warnings
 
@@ -59,13 +66,18 @@ def _tolerance(code: str, p: int, s: int) -> int:
   return max(v for v in range(1, s + 1) if p % (2 * v + 1) == 0)
 
 
-def _median_ms(fn, *args, calls: int) -> float:
-  times = []
+def _minor_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _median_ms(fn, *args, calls: int) -> tuple[float, float]:
+  """The median milliseconds of blocked calls, and the minor page faults per call."""
+  times, faults = [], _minor_faults()
   while len(times) < calls and (len(times) < 3 or sum(times) < 1.0):
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  return 1e3 * float(np.median(times)), (_minor_faults() - faults) / len(times)
 
 
 def _peak_mib(compiled) -> float:
@@ -134,10 +146,14 @@ def group_rows(
   ratios = {name: [] for name in built}
   shares = {name: [] for name in built}
   steps = {name: [] for name in built}
+  faults = {name: [] for name in built}
   for _ in range(rounds):
-    ms = {name: _median_ms(m["step"][0], *m["step"][1], calls=calls) for name, m in built.items()}
+    ms = {}
     for name, m in built.items():
-      combine_ms = _median_ms(m["combine"][0], *m["combine"][1], calls=calls)
+      ms[name], step_faults = _median_ms(m["step"][0], *m["step"][1], calls=calls)
+      faults[name].append(step_faults)
+    for name, m in built.items():
+      combine_ms, _ = _median_ms(m["combine"][0], *m["combine"][1], calls=calls)
       steps[name].append(ms[name])
       ratios[name].append(ms[name] / ms[BASELINE, "shared"])
       shares[name].append(combine_ms / ms[name])
@@ -157,6 +173,7 @@ def group_rows(
       "x_mean": float(np.median(ratios[label, compute])),
       "combine_share": float(np.median(shares[label, compute])),
       "peak_mib": m["peak_mib"],
+      "faults": float(np.median(faults[label, compute])),
       "per_worker_over_shared": None,
     }
     if compute == "per_worker" and shared:
@@ -169,7 +186,7 @@ def group_rows(
 
 HEADER = (
   "| model | P | S | R | D | method | compute | step ms | x mean | combine share | peak MiB "
-  "| per_worker / shared |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+  "| faults | per_worker / shared |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -179,7 +196,7 @@ def format_row(row: dict) -> str:
   return (
     f"| {row['model']} | {row['P']} | {row['S']} | {row['R']} | {row['D']:,} | {row['method']} "
     f"| {row['compute']} | {row['step_ms']:.1f} | {row['x_mean']:.2f} "
-    f"| {row['combine_share']:.2f} | {row['peak_mib']:.1f} | {versus} |"
+    f"| {row['combine_share']:.2f} | {row['peak_mib']:.1f} | {row['faults']:,.0f} | {versus} |"
   )
 
 
@@ -199,13 +216,20 @@ def run(models, cases, *, rounds: int = 5, calls: int = 5, options=None, devices
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="MLP, P = 15 (S = 2) only")
+  parser.add_argument(
+    "--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}"
+  )
   parser.add_argument("--rounds", type=int, default=5, help="timing rounds (median ratio)")
   parser.add_argument("--calls", type=int, default=5, help="blocked calls per timing")
   parser.add_argument(
     "--num_devices", type=int, default=0, help="devices on the mesh (0: the most dividing P)"
   )
   args = parser.parse_args(argv)
-  models, cases = (("mlp",), CASES[:1]) if args.quick else (tuple(MODELS), CASES)
+  models = tuple(args.models.split(","))
+  unknown = [m for m in models if m not in MODELS]
+  if unknown:
+    parser.error(f"--models: unknown {unknown}; valid: {', '.join(MODELS)}")
+  models, cases = (("mlp",), CASES[:1]) if args.quick else (models, CASES)
   warnings.filterwarnings("ignore", message=".*outside the validated float32 envelope.*")
   run(models, cases, rounds=args.rounds, calls=args.calls, devices=args.num_devices)
 

@@ -100,10 +100,16 @@ def test_step_bench_times_every_method_in_both_modes(capsys):
   for row in rows:
     for name in ("step_ms", "x_mean", "combine_share", "peak_mib"):
       assert math.isfinite(row[name]) and row[name] > 0, (row["method"], name, row[name])
+    assert math.isfinite(row["faults"]) and row["faults"] >= 0
     assert (row["per_worker_over_shared"] is None) == (row["compute"] == "shared")
   assert rows[0]["x_mean"] == 1.0 and rows[2]["R"] == rows[4]["R"] == 3
   lines = capsys.readouterr().out.strip().splitlines()
-  assert len(lines) == 2 + len(rows) and all(line.count("|") == 13 for line in lines[2:])
+  assert len(lines) == 2 + len(rows) and all(line.count("|") == 14 for line in lines[2:])
+
+
+def test_step_bench_rejects_an_unknown_model():
+  with pytest.raises(SystemExit):
+    step_bench.main(["--models", "mlp,resnet"])
 
 
 def test_device_check_runs_end_to_end_on_cpu():

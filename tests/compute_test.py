@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from draco_jax import coding, compute, train
+from draco_jax import coding, compute, testing, train
 from draco_jax.config import TrainConfig, validate
 
 # D = 4,810: two whole blocks of the shared encoding's columns and a remainder.
@@ -184,9 +184,9 @@ def test_exchange_gives_every_device_its_rows_partitions(code, p, s, n, received
   ],
 )
 def test_distinct_rows_are_encoded_once_and_picked_back(code, p, s, n, distinct):
-  c = coding.make_code(code, p, s)
+  c = testing.cached_code(code, p, s)  # P = 45: the float32-envelope warning silenced
   exchange = compute._exchange_plan(np.asarray(c.support), n)
-  coef_PxR = np.asarray(c.coef, np.float32)
+  coef_PxR = np.asarray(c.coef, coding.message_dtype(c, np.float32))
   rows = compute._distinct_rows(exchange, coef_PxR, n)
   u = rows.dense_NuxE.shape[0] // n
   assert u == distinct

@@ -545,11 +545,12 @@ def solve(ops: Ops, c: Cyclic, tol: Tolerances, y_PxC, sqnorm_P, gram_PxP):
   def look(carry):
     stage, looks, rows_P, erased_cur, current, reported, _, _ = carry
     new = decode_from(rows_P)
+    new_agree, new_ok, new_fit, _ = new
     retry = stage == _RETRY
-    take = ~retry | (new[1] & (xp.sum(new[0]) > xp.sum(current[0])))
+    take = ~retry | (new_ok & (xp.sum(new_agree) > xp.sum(current[0])))
     pick = lambda a, b: xp.where(take, a, b)  # noqa: E731
     agree, ok, fit, ratio = jax.tree.map(pick, new, current)
-    reported = pick(cleared(rows_P, new[0], new[2]), reported)
+    reported = pick(cleared(rows_P, new_agree, new_fit), reported)
     erased_cur = xp.where(retry, erased_cur, rows_P)
     looks = looks + (stage == _LOOK)
     weights, hidden = bounds(agree, fit)

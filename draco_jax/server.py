@@ -32,6 +32,7 @@ Every function of a :class:`Server` takes the step's key and splits it itself
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -93,7 +94,7 @@ def _stragglers(key: jax.Array, mask_P: jax.Array, num_stragglers: int) -> jax.A
   return jnp.zeros_like(mask_P).at[jnp.argsort(score_P)[:num_stragglers]].set(True)
 
 
-def _corrupt(attack_fns, key, sent_PxD, mask_P, straggle_P, attack_index, num_rows: int):
+def _corrupt(attack_fns, num_rows: int, key, sent_PxD, mask_P, straggle_P, attack_index):
   """What the server receives: the chosen attack on masked rows, NaN rows for stragglers.
 
   An attack changes only its masked rows, so the rows it and the stragglers change, at most
@@ -169,16 +170,15 @@ def _combiner(config: TrainConfig, code: coding.Code, num_shards: int | None):
   return aggregators.make_aggregator(aggregator, code.num_workers, code.num_adversaries, **options)
 
 
-def _replicated(config, code, mesh, attack_fns) -> tuple[Callable, Callable, Callable]:
+def _replicated(config, code, mesh, corrupt) -> tuple[Callable, Callable, Callable]:
   combiner = _combiner(config, code, None)
-  changed = config.num_adversaries + config.num_stragglers
 
   def gather(rows_pxD):
     return jax.lax.all_gather(rows_pxD, mesh_lib.WORKER_AXIS, tiled=True, to="invarying")
 
   def attack(key, sent_PxD, mask_P, straggle_P, attack_index):
     keys = split_step_key(key)
-    return _corrupt(attack_fns, keys.attack, sent_PxD, mask_P, straggle_P, attack_index, changed)
+    return corrupt(keys.attack, sent_PxD, mask_P, straggle_P, attack_index)
 
   def combine(key, received_PxD) -> tuple[jax.Array, contract.Report]:
     return combiner(received_PxD, split_step_key(key).combine)
@@ -191,9 +191,8 @@ def _replicated(config, code, mesh, attack_fns) -> tuple[Callable, Callable, Cal
   return deliver, attack, combine
 
 
-def _sharded(config, code, mesh, attack_fns, num_features: int):
+def _sharded(config, code, mesh, corrupt, num_features: int):
   n = mesh.shape[mesh_lib.WORKER_AXIS]
-  changed = config.num_adversaries + config.num_stragglers
   combine_slices = _combiner(config, code, n)
 
   def slices(rows_pxD):
@@ -202,9 +201,7 @@ def _sharded(config, code, mesh, attack_fns, num_features: int):
   def attack(key, slice_PxW, mask_P, straggle_P, attack_index):
     device = jax.lax.axis_index(mesh_lib.WORKER_AXIS)
     attack_key = jax.random.fold_in(split_step_key(key).attack, device)
-    received_PxW = _corrupt(
-      attack_fns, attack_key, slice_PxW, mask_P, straggle_P, attack_index, changed
-    )
+    received_PxW = corrupt(attack_key, slice_PxW, mask_P, straggle_P, attack_index)
     return sharded_lib.clear_padding(received_PxW, num_features)
 
   def combine(key, slice_PxW):
@@ -238,9 +235,11 @@ def make_server(
   Raises:
     ValueError: an unknown attack, placement, decoder or aggregator option.
   """
-  attack_fns = _attack_fns(config, code, attack_names)
+  # The rows an attack and the stragglers may change: t + e, as the masks phase draws them.
+  num_rows = config.num_adversaries + config.num_stragglers
+  corrupt = functools.partial(_corrupt, _attack_fns(config, code, attack_names), num_rows)
   if config.combine_sharding == "sharded":
-    parts = _sharded(config, code, mesh, attack_fns, num_features)
+    parts = _sharded(config, code, mesh, corrupt, num_features)
   else:
-    parts = _replicated(config, code, mesh, attack_fns)
+    parts = _replicated(config, code, mesh, corrupt)
   return Server(_make_masks(config, code, attack_names), *parts)
